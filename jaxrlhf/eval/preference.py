@@ -347,11 +347,14 @@ def exact_correct(meta: dict, response: str, stopped: bool) -> bool:
 
 def task_table(metas: list[dict], run: PolicyRun) -> dict:
   """Mean Likert rating (the labeler's, without rating noise) and exact correctness,
-  overall and per instruction type."""
+  overall and per instruction type, and the mean of each term of the labeler's latent
+  quality (where a policy's wins come from: right answers, or only shorter ones)."""
   likert = np.array([labeler_lib.score(m, t, bool(s))
                      for m, t, s in zip(metas, run.texts, run.stopped)], np.float64)
   correct = np.array([exact_correct(m, t, bool(s))
                       for m, t, s in zip(metas, run.texts, run.stopped)], np.float64)
+  terms = [labeler_lib.quality_terms(m, t, bool(s))
+           for m, t, s in zip(metas, run.texts, run.stopped)]
   tasks = np.array([m["task"] for m in metas])
   per_task = {}
   for task in sorted(set(tasks.tolist())):
@@ -359,6 +362,8 @@ def task_table(metas: list[dict], run: PolicyRun) -> dict:
     per_task[task] = {"likert": float(likert[rows].mean()),
                       "exact_correct": float(correct[rows].mean()), "n": int(rows.sum())}
   return {"likert": float(likert.mean()), "exact_correct": float(correct.mean()),
+          "quality_terms": {name: float(np.mean([t[name] for t in terms]))
+                            for name in labeler_lib.WEIGHTS},
           "per_task": per_task}
 
 

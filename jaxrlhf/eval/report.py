@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 from etils import epath  # noqa: E402
 
 from jaxrlhf import metrics as metrics_lib  # noqa: E402
+from jaxrlhf.data.world import labeler as labeler_lib  # noqa: E402
 
 PPO_STAGES = ("ppo", "ppo_ptx")
 PLOTS = ("ppo_curves.png", "frontier.png", "win_rates.png")
@@ -212,6 +213,19 @@ def _task_table(results: dict) -> list[str]:
   return lines
 
 
+def _terms_table(results: dict) -> list[str]:
+  """Mean of each term of the labeler's latent quality, per policy (labeled prompts)."""
+  names = [n for n in policy_names(results) if "quality_terms" in results["policies"][n]]
+  if not names:
+    return []
+  terms = list(results["policies"][names[0]]["quality_terms"])
+  lines = ["| policy | " + " | ".join(terms) + " |", "|---|" + "---|" * len(terms)]
+  for n in names:
+    values = results["policies"][n]["quality_terms"]
+    lines.append(f"| {n} | " + " | ".join(f"{values[t]:.3f}" for t in terms) + " |")
+  return lines
+
+
 def _stage_lines(pipeline_dir: epath.Path | None) -> list[str]:
   if pipeline_dir is None:
     return []
@@ -275,6 +289,16 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
   tasks = _task_table(results)
   if tasks:
     lines += ["## Per instruction type (Likert / exact correct)", "", *tasks, ""]
+  terms = _terms_table(results)
+  if terms:
+    lines += ["## What the labeler rewards",
+              "",
+              "Mean of each term of the labeler's latent quality (0 to 1; weights "
+              + ", ".join(f"{k} {v}" for k, v in labeler_lib.WEIGHTS.items())
+              + "): a policy that beats "
+              "SFT only on `concise` has learned to drop the demonstrators' filler, not to "
+              "answer better.",
+              "", *terms, ""]
   stages = _stage_lines(pipeline_dir)
   if stages:
     lines += ["## Stages", "", *stages, ""]

@@ -115,6 +115,19 @@ def test_labeler_constraints_get_credit_even_when_wrong():
   assert sorted_but_wrong > unsorted_and_wrong
 
 
+def test_quality_terms_separate_filler_from_wrong_answers():
+  meta = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
+  filler = labeler_lib.quality_terms(meta, "c b a . hope this helps")
+  assert filler["correct"] == 1.0 and filler["concise"] == 0.0 and filler["stopped"] == 1.0
+  wrong = labeler_lib.quality_terms(meta, "a b c")
+  assert wrong["correct"] < 1.0 and wrong["concise"] == 1.0
+  assert labeler_lib.quality_terms(meta, "please") == dict.fromkeys(labeler_lib.WEIGHTS, 0.0)
+  for response in ("c b a . hope this helps", "a b c", "c b", "please", "c b a"):
+    terms = labeler_lib.quality_terms(meta, response)
+    assert labeler_lib.quality(meta, response) == pytest.approx(
+        sum(labeler_lib.WEIGHTS[k] * v for k, v in terms.items()))
+
+
 def test_rankings_rank_zero_best_with_ties():
   assert world.ranks_from_ratings([5, 7, 5, 2]) == [1, 0, 1, 2]
   labeler = world.Labeler(noise_scale=0.0)

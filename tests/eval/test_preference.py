@@ -93,8 +93,12 @@ def test_task_table_gives_gold_answers_full_marks_per_instruction():
   assert table["likert"] == 7.0 and table["exact_correct"] == 1.0
   assert sorted(table["per_task"]) == sorted(tasks.TASKS)
   assert sum(cell["n"] for cell in table["per_task"].values()) == 40
+  assert table["quality_terms"] == dict.fromkeys(labeler_lib.WEIGHTS, 1.0)
   wrong = _run("wrong", ["done"] * 40)
   assert preference.task_table(metas, wrong)["likert"] == 1.0
+  chatty = _run("chatty", [" ".join(tasks.answer(m)) + " . hope this helps" for m in metas])
+  terms = preference.task_table(metas, chatty)["quality_terms"]
+  assert terms["correct"] == 1.0 and terms["concise"] == 0.0
 
 
 def test_labeler_prefers_right_answers_and_splits_identical_ones():
@@ -206,8 +210,8 @@ def test_evaluate_stage_judges_every_policy_against_sft(chain):
 def test_report_has_the_table_plots_and_tensorboard_images(chain):
   root = chain["root"]
   text = (root / "report.md").read_text()
-  for heading in ("## Results", "## Per instruction type", "## Stages", "## Plots",
-                  "## Sample answers"):
+  for heading in ("## Results", "## Per instruction type", "## What the labeler rewards",
+                  "## Stages", "## Plots", "## Sample answers"):
     assert heading in text, heading
   for name in ("sft", "ppo", "ppo_ptx", "base_few_shot (few-shot)"):
     assert f"| {name} |" in text, name

@@ -55,17 +55,27 @@ def answer_words(response: str, stopped: bool | None = None) -> list[str]:
   return _leading_answer(read_response(response, stopped)[0])
 
 
-def quality(meta: dict[str, Any], response: str, stopped: bool | None = True) -> float:
-  """Latent quality in [0, 1]; see the module docstring for the weights."""
+def quality_terms(meta: dict[str, Any], response: str, stopped: bool | None = True
+                  ) -> dict[str, float]:
+  """Each term of the latent quality in [0, 1], unweighted (keys as in WEIGHTS).
+
+  All four are 0 for a response whose first word is not an answer symbol.
+  """
   words, stopped = read_response(response, stopped)
   answer = _leading_answer(words)
   if not answer:
-    return 0.0
+    return dict.fromkeys(WEIGHTS, 0.0)
   extra = len(words) - len(answer)
-  return (WEIGHTS["correct"] * tasks.correctness(meta, answer)
-          + WEIGHTS["constraint"] * tasks.follows_constraint(meta, answer)
-          + WEIGHTS["stopped"] * stopped
-          + WEIGHTS["concise"] * (1.0 - min(extra, 2) / 2))
+  return {"correct": float(tasks.correctness(meta, answer)),
+          "constraint": float(tasks.follows_constraint(meta, answer)),
+          "stopped": float(stopped),
+          "concise": 1.0 - min(extra, 2) / 2}
+
+
+def quality(meta: dict[str, Any], response: str, stopped: bool | None = True) -> float:
+  """Latent quality in [0, 1]; see the module docstring for the weights."""
+  terms = quality_terms(meta, response, stopped)
+  return sum(WEIGHTS[name] * value for name, value in terms.items())
 
 
 def _likert(latent: np.ndarray | float) -> np.ndarray:
