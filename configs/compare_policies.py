@@ -29,6 +29,9 @@ def get_config(arg=None):
   config.reference = "sft"  # KL is from this policy ('' = no KL).
   config.judge = "labeler"  # 'labeler' (the embedded world's) or 'reward_model'.
   config.reward_model = ""  # RM export: RM-judged win rate and mean score ('' = none).
+  # World rankings JSONL (with task fields) on which to check the reward model against
+  # the labeler's noiseless quality ('' = none; the pipeline passes the RM's held-out set).
+  config.rankings_file = ""
   config.tokenizer = ""  # Tokenizer directory; '' = the baseline policy's.
   config.prompts_file = ""  # Prompts JSONL (comma-separated list, globs); '' = world test.
   config.world_dir = ""  # A written world (<pipeline workdir>/world) for '' files.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import time
@@ -367,6 +368,48 @@ def task_table(metas: list[dict], run: PolicyRun) -> dict:
           "per_task": per_task}
 
 
+def reward_model_check(rankings_file: str, model, params, tokenizer, *,
+                       max_prompt_len: int, max_response_len: int,
+                       per_device_batch_size: int) -> dict:
+  """How often the reward model and the recorded (noisy) ranks order a pair of responses
+  as the labeler's noiseless latent quality does, on world rankings.
+
+  Pairs whose latent qualities are equal are left out; `ranks_vs_noiseless` counts only
+  pairs the recorded ranks do not tie. Responses are read as stopped (rankings carry no
+  stop flag; the reward model scores them with the stop token appended).
+  """
+  rankings = formats.read_examples("rankings", rankings_file)
+  metas = []
+  for prompt in formats.read_examples("prompts", rankings_file):
+    missing = [k for k in ("task", "items") if k not in (prompt.meta or {})]
+    if missing:
+      raise ValueError(f"{prompt.source}: field {missing[0]!r} missing; the reward model "
+                       "check needs world rankings, which carry their task fields")
+    metas.append(world_lib.task_meta(prompt.meta))
+  pairs = [(r.prompt, response) for r in rankings for response in r.responses]
+  scores = reward_model_lib.score_pairs(
+      model, params, tokenizer, pairs, max_prompt_len=max_prompt_len,
+      max_response_len=max_response_len, per_device_batch_size=per_device_batch_size)
+  rm_right, ranks_right = [], []
+  start = 0
+  for ranking, meta in zip(rankings, metas):
+    k = ranking.k
+    latent = [labeler_lib.latent_score(meta, r, True) for r in ranking.responses]
+    score, ranks = scores[start:start + k], ranking.ranks
+    start += k
+    for a, b in itertools.combinations(range(k), 2):
+      if latent[a] == latent[b]:
+        continue
+      truth = latent[a] > latent[b]
+      rm_right.append((score[a] > score[b]) == truth)
+      if ranks[a] != ranks[b]:
+        ranks_right.append((ranks[a] < ranks[b]) == truth)
+  return {"file": rankings_file, "pairs": len(rm_right),
+          "rm_vs_noiseless": float(np.mean(rm_right)) if rm_right else None,
+          "ranks_vs_noiseless": float(np.mean(ranks_right)) if ranks_right else None,
+          "untied_rank_pairs": len(ranks_right)}
+
+
 # ---------------------------------------------------------------------------------------
 # The entry point.
 # ---------------------------------------------------------------------------------------
@@ -513,6 +556,12 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if use_labeler:
       entry.update(task_table(metas, run))
     results["policies"][name] = entry
+
+  if use_labeler and reward is not None and config.get("rankings_file"):
+    results["reward_model_check"] = reward_model_check(
+        config.rankings_file, rm_model, rm_params, tokenizer,
+        max_prompt_len=config.max_prompt_len, max_response_len=config.max_response_len,
+        per_device_batch_size=per_device)
 
   # --- Outputs -------------------------------------------------------------------------
   results["samples"] = [

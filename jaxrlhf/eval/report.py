@@ -299,6 +299,13 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
               "SFT only on `concise` has learned to drop the demonstrators' filler, not to "
               "answer better.",
               "", *terms, ""]
+  check = results.get("reward_model_check")
+  if check and check.get("rm_vs_noiseless") is not None:
+    lines += [f"Against the labeler's noiseless quality, the reward model orders "
+              f"**{_fmt(check['rm_vs_noiseless'])}** of {check['pairs']} held-out ranked "
+              f"pairs correctly (`{check['file']}`); the recorded noisy ranks order "
+              f"{_fmt(check['ranks_vs_noiseless'])} of the {check['untied_rank_pairs']} they "
+              "do not tie. The gap is what PPO cannot learn from the reward model.", ""]
   stages = _stage_lines(pipeline_dir)
   if stages:
     lines += ["## Stages", "", *stages, ""]

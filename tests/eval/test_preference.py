@@ -16,6 +16,7 @@ from jaxrlhf import sampling
 from jaxrlhf.data import formats
 from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.data.world import tasks
+from jaxrlhf.data.world import tokenizer as world_tokenizer
 from jaxrlhf.eval import preference
 from jaxrlhf.eval import report
 
@@ -99,6 +100,33 @@ def test_task_table_gives_gold_answers_full_marks_per_instruction():
   chatty = _run("chatty", [" ".join(tasks.answer(m)) + " . hope this helps" for m in metas])
   terms = preference.task_table(metas, chatty)["quality_terms"]
   assert terms["correct"] == 1.0 and terms["concise"] == 0.0
+
+
+def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
+  metas = _metas(6)
+  records = []
+  for i, meta in enumerate(metas):
+    right = " ".join(tasks.answer(meta))
+    # ranks disagree with the noiseless quality on every other record
+    ranks = [0, 1] if i % 2 == 0 else [1, 0]
+    records.append({"prompt": f"p{i}", "responses": [right, right + " . hope this helps"],
+                    "ranks": ranks, **meta})
+  path = tmp_path / "rankings.jsonl"
+  formats.write_jsonl(str(path), records)
+  tokenizer = models.load_tokenizer(world_tokenizer.world_tokenizer_dir())
+  model = models.ScalarHeadModel(models.TransformerConfig.tiny(vocab_size=len(tokenizer)))
+  params = models.init_params(model, jax.random.key(0))
+  check = preference.reward_model_check(str(path), model, params, tokenizer,
+                                        max_prompt_len=8, max_response_len=8,
+                                        per_device_batch_size=2)
+  assert check["pairs"] == 6 and check["untied_rank_pairs"] == 6
+  assert check["ranks_vs_noiseless"] == 0.5
+  assert check["rm_vs_noiseless"] in {i / 6 for i in range(7)}
+  del records[0]["task"]
+  formats.write_jsonl(str(path), records)
+  with pytest.raises(ValueError, match=r"rankings.jsonl:1: field 'task' missing"):
+    preference.reward_model_check(str(path), model, params, tokenizer, max_prompt_len=8,
+                                  max_response_len=8, per_device_batch_size=2)
 
 
 def test_labeler_prefers_right_answers_and_splits_identical_ones():
@@ -216,6 +244,9 @@ def test_report_has_the_table_plots_and_tensorboard_images(chain):
   for name in ("sft", "ppo", "ppo_ptx", "base_few_shot (few-shot)"):
     assert f"| {name} |" in text, name
   assert "reward model**: held-out pairwise accuracy" in text
+  check = json.loads((root / "evaluate" / "results.json").read_text())["reward_model_check"]
+  assert check["pairs"] > 0 and 0.0 <= check["rm_vs_noiseless"] <= 1.0
+  assert "the reward model orders" in text
   for plot in report.PLOTS:
     assert f"(plots/{plot})" in text
     assert (root / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
