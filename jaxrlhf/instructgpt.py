@@ -41,8 +41,8 @@ def evaluate_config(config: ml_collections.ConfigDict,
   stage.few_shot.base = str(workdir / "pretrain" / "hf") if "pretrain" in config.stages else ""
   stage.reward_model = (str(workdir / "reward_model" / "hf")
                         if "reward_model" in config.stages else "")
-  rankings = workdir / "reward_model" / "rankings" / "validation.jsonl"
-  stage.rankings_file = str(rankings) if "reward_model" in config.stages else ""
+  stage.rankings_file = (str(workdir / "reward_model" / "rankings" / "validation.jsonl")
+                         if "reward_model" in config.stages else "")
   stage.world_dir = str(workdir / "world")
   stage.world = ml_collections.ConfigDict(config.world.to_dict())
   stage.report_dir = str(workdir)

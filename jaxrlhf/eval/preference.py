@@ -350,12 +350,11 @@ def task_table(metas: list[dict], run: PolicyRun) -> dict:
   """Mean Likert rating (the labeler's, without rating noise) and exact correctness,
   overall and per instruction type, and the mean of each term of the labeler's latent
   quality (where a policy's wins come from: right answers, or only shorter ones)."""
-  likert = np.array([labeler_lib.score(m, t, bool(s))
-                     for m, t, s in zip(metas, run.texts, run.stopped)], np.float64)
-  correct = np.array([exact_correct(m, t, bool(s))
-                      for m, t, s in zip(metas, run.texts, run.stopped)], np.float64)
   terms = [labeler_lib.quality_terms(m, t, bool(s))
            for m, t, s in zip(metas, run.texts, run.stopped)]
+  likert = np.array([labeler_lib.score_from_terms(t) for t in terms], np.float64)
+  # Exactly right is full correctness credit (a response with no answer gets 0).
+  correct = np.array([t["correct"] == 1.0 for t in terms], np.float64)
   tasks = np.array([m["task"] for m in metas])
   per_task = {}
   for task in sorted(set(tasks.tolist())):
@@ -378,14 +377,16 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
   pairs the recorded ranks do not tie. Responses are read as stopped (rankings carry no
   stop flag; the reward model scores them with the stop token appended).
   """
-  rankings = formats.read_examples("rankings", rankings_file)
-  metas = []
-  for prompt in formats.read_examples("prompts", rankings_file):
-    missing = [k for k in ("task", "items") if k not in (prompt.meta or {})]
+  rankings, metas = [], []
+  for record in formats.read_examples("prompts", rankings_file):  # one read: prompt + meta
+    fields = record.meta or {}
+    rankings.append(formats.parse_ranking({"prompt": record.prompt, **fields},
+                                          record.source))
+    missing = [k for k in ("task", "items") if k not in fields]
     if missing:
-      raise ValueError(f"{prompt.source}: field {missing[0]!r} missing; the reward model "
+      raise ValueError(f"{record.source}: field {missing[0]!r} missing; the reward model "
                        "check needs world rankings, which carry their task fields")
-    metas.append(world_lib.task_meta(prompt.meta))
+    metas.append(world_lib.task_meta(fields))
   pairs = [(r.prompt, response) for r in rankings for response in r.responses]
   scores = reward_model_lib.score_pairs(
       model, params, tokenizer, pairs, max_prompt_len=max_prompt_len,

@@ -72,10 +72,14 @@ def quality_terms(meta: dict[str, Any], response: str, stopped: bool | None = Tr
           "concise": 1.0 - min(extra, 2) / 2}
 
 
+def weighted_quality(terms: dict[str, float]) -> float:
+  """Latent quality in [0, 1] from `quality_terms`; see the module docstring."""
+  return sum(WEIGHTS[name] * value for name, value in terms.items())
+
+
 def quality(meta: dict[str, Any], response: str, stopped: bool | None = True) -> float:
   """Latent quality in [0, 1]; see the module docstring for the weights."""
-  terms = quality_terms(meta, response, stopped)
-  return sum(WEIGHTS[name] * value for name, value in terms.items())
+  return weighted_quality(quality_terms(meta, response, stopped))
 
 
 def _likert(latent: np.ndarray | float) -> np.ndarray:
@@ -89,6 +93,11 @@ def latent_score(meta: dict[str, Any], response: str, stopped: bool | None = Tru
 def score(meta: dict[str, Any], response: str, stopped: bool | None = True) -> int:
   """The 1-7 Likert rating of a response, without noise."""
   return int(_likert(latent_score(meta, response, stopped)))
+
+
+def score_from_terms(terms: dict[str, float]) -> int:
+  """`score` of the response whose `quality_terms` these are."""
+  return int(_likert(1.0 + 6.0 * weighted_quality(terms)))
 
 
 def ranks_from_ratings(ratings: Sequence[float]) -> list[int]:
