@@ -367,6 +367,22 @@ def task_table(metas: list[dict], run: PolicyRun) -> dict:
           "per_task": per_task}
 
 
+# Which of the labeler's terms tell two responses apart: `content` = only what the answer
+# says (correct, constraint), `form` = only how it ends (stopped, concise), `both`.
+PAIR_DIFFERENCES = ("content", "form", "both")
+_CONTENT_TERMS = ("correct", "constraint")
+
+
+def pair_difference(terms_a: dict[str, float], terms_b: dict[str, float]) -> str:
+  """`PAIR_DIFFERENCES` entry for two responses' `labeler.quality_terms` (which differ)."""
+  differ = {name for name in labeler_lib.WEIGHTS if terms_a[name] != terms_b[name]}
+  if not differ:
+    raise ValueError("pair_difference of responses with equal quality terms")
+  content = bool(differ & set(_CONTENT_TERMS))
+  form = bool(differ - set(_CONTENT_TERMS))
+  return "both" if content and form else "content" if content else "form"
+
+
 def reward_model_check(rankings_file: str, model, params, tokenizer, *,
                        max_prompt_len: int, max_response_len: int,
                        per_device_batch_size: int) -> dict:
@@ -376,6 +392,9 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
   Pairs whose latent qualities are equal are left out; `ranks_vs_noiseless` counts only
   pairs the recorded ranks do not tie. Responses are read as stopped (rankings carry no
   stop flag; the reward model scores them with the stop token appended).
+  `by_difference` splits the reward model's pairs by which of the labeler's terms tell
+  them apart (see `PAIR_DIFFERENCES`): a reward model that orders `form` pairs but not
+  `content` pairs rewards dropping filler and cannot teach PPO to answer right.
   """
   rankings, metas = [], []
   for record in formats.read_examples("prompts", rankings_file):  # one read: prompt + meta
@@ -392,23 +411,31 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
       model, params, tokenizer, pairs, max_prompt_len=max_prompt_len,
       max_response_len=max_response_len, per_device_batch_size=per_device_batch_size)
   rm_right, ranks_right = [], []
+  by_difference = {name: [] for name in PAIR_DIFFERENCES}
   start = 0
   for ranking, meta in zip(rankings, metas):
     k = ranking.k
-    latent = [labeler_lib.latent_score(meta, r, True) for r in ranking.responses]
+    terms = [labeler_lib.quality_terms(meta, r, True) for r in ranking.responses]
+    latent = [labeler_lib.weighted_quality(t) for t in terms]
     score, ranks = scores[start:start + k], ranking.ranks
     start += k
     for a, b in itertools.combinations(range(k), 2):
       if latent[a] == latent[b]:
         continue
       truth = latent[a] > latent[b]
-      rm_right.append((score[a] > score[b]) == truth)
+      right = (score[a] > score[b]) == truth
+      rm_right.append(right)
+      by_difference[pair_difference(terms[a], terms[b])].append(right)
       if ranks[a] != ranks[b]:
         ranks_right.append((ranks[a] < ranks[b]) == truth)
   return {"file": rankings_file, "pairs": len(rm_right),
           "rm_vs_noiseless": float(np.mean(rm_right)) if rm_right else None,
           "ranks_vs_noiseless": float(np.mean(ranks_right)) if ranks_right else None,
-          "untied_rank_pairs": len(ranks_right)}
+          "untied_rank_pairs": len(ranks_right),
+          "by_difference": {
+              name: {"pairs": len(right),
+                     "rm_vs_noiseless": float(np.mean(right)) if right else None}
+              for name, right in by_difference.items()}}
 
 
 # ---------------------------------------------------------------------------------------

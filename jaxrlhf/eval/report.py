@@ -31,6 +31,13 @@ _COLORS = {"sft": "tab:gray", "ppo": "tab:blue", "ppo_ptx": "tab:orange",
 _SPARE = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 
+# reward_model_check's `by_difference` groups, as the report names them.
+REWARD_CHECK_SPLITS = {
+    "content": "pairs that differ only in what the answer says (correct, constraint)",
+    "form": "that differ only in how it ends (stopped, concise)",
+    "both": "that differ in both"}
+
+
 def color(name: str) -> str:
   if name not in _COLORS:
     _COLORS[name] = _SPARE[(len(_COLORS) - 4) % len(_SPARE)]
@@ -305,7 +312,15 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
               f"**{_fmt(check['rm_vs_noiseless'])}** of {check['pairs']} held-out ranked "
               f"pairs correctly (`{check['file']}`); the recorded noisy ranks order "
               f"{_fmt(check['ranks_vs_noiseless'])} of the {check['untied_rank_pairs']} they "
-              "do not tie. The gap is what PPO cannot learn from the reward model.", ""]
+              "do not tie. The gap is what PPO cannot learn from the reward model."]
+    split = check.get("by_difference") or {}
+    parts = [f"{_fmt(split[name]['rm_vs_noiseless'])} of the {split[name]['pairs']} "
+             f"{REWARD_CHECK_SPLITS[name]}"
+             for name in REWARD_CHECK_SPLITS
+             if split.get(name) and split[name]["rm_vs_noiseless"] is not None]
+    if parts:
+      lines += ["By what tells the pair apart, it orders " + "; ".join(parts) + "."]
+    lines.append("")
   stages = _stage_lines(pipeline_dir)
   if stages:
     lines += ["## Stages", "", *stages, ""]

@@ -122,11 +122,27 @@ def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
   assert check["pairs"] == 6 and check["untied_rank_pairs"] == 6
   assert check["ranks_vs_noiseless"] == 0.5
   assert check["rm_vs_noiseless"] in {i / 6 for i in range(7)}
+  # right vs right + filler differ only in form
+  assert check["by_difference"]["form"]["pairs"] == 6
+  assert check["by_difference"]["form"]["rm_vs_noiseless"] == check["rm_vs_noiseless"]
+  assert check["by_difference"]["content"] == {"pairs": 0, "rm_vs_noiseless": None}
   del records[0]["task"]
   formats.write_jsonl(str(path), records)
   with pytest.raises(ValueError, match=r"rankings.jsonl:1: field 'task' missing"):
     preference.reward_model_check(str(path), model, params, tokenizer, max_prompt_len=8,
                                   max_response_len=8, per_device_batch_size=2)
+
+
+def test_pair_difference_separates_what_an_answer_says_from_how_it_ends():
+  meta = {"task": "sort", "items": ["c", "a", "b"], "arg": None}
+  right = labeler_lib.quality_terms(meta, "a b c")
+  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "a c b")) == "content"
+  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "a b c . ok")) == "form"
+  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "b a c . ok")) == "both"
+  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "a b c",
+                                                                     stopped=False)) == "form"
+  with pytest.raises(ValueError, match="equal quality terms"):
+    preference.pair_difference(right, right)
 
 
 def test_labeler_prefers_right_answers_and_splits_identical_ones():
@@ -247,6 +263,11 @@ def test_report_has_the_table_plots_and_tensorboard_images(chain):
   check = json.loads((root / "evaluate" / "results.json").read_text())["reward_model_check"]
   assert check["pairs"] > 0 and 0.0 <= check["rm_vs_noiseless"] <= 1.0
   assert "the reward model orders" in text
+  split = check["by_difference"]
+  assert sum(group["pairs"] for group in split.values()) == check["pairs"]
+  for name, group in split.items():
+    if group["pairs"]:
+      assert f"of the {group['pairs']} {report.REWARD_CHECK_SPLITS[name]}" in text
   for plot in report.PLOTS:
     assert f"(plots/{plot})" in text
     assert (root / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
