@@ -49,6 +49,10 @@ def get_config(arg=None):
   config.per_device_batch = 32  # Rows per device per compiled call.
   config.seed = 0  # Sampling keys, few-shot example choice, labeler noise.
   config.num_sample_texts = 6  # Prompts whose answers appear in the report.
+  # Labeler judge only: n more baseline answers per prompt; the best of 1, 2, 4 .. n by the
+  # reward model and by the labeler's noiseless quality, judged against the baseline
+  # (0 = off; a power of two).
+  config.best_of_n = 0
 
   config.few_shot = ml_collections.ConfigDict()
   config.few_shot.base = ""  # Base (pretrained) model prompted few-shot; '' = none.

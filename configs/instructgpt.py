@@ -41,6 +41,9 @@ def get_config(arg=None):
   config.evaluate.max_response_len = config.ppo.data.max_response_len
   config.evaluate.max_text_len = config.ppo.ptx.data.max_seq_len
   config.evaluate.temperature = config.ppo.rollout.temperature
+  # Best of 1..16 SFT answers by the reward model and by the labeler: how far optimising
+  # this reward model can take a policy.
+  config.evaluate.best_of_n = 2 if variant == "test" else 16
   if variant == "test":
     config.evaluate.few_shot.max_prompt_len = 48
     config.evaluate.per_device_batch = 4

@@ -333,11 +333,77 @@ def measure(run: PolicyRun, model, rparams, *, programs: Programs, judge_prompts
 def labeler_outcomes(labeler: labeler_lib.Labeler, metas: list[dict], run: PolicyRun,
                      baseline: PolicyRun, seed: int) -> np.ndarray:
   """One labeler judgement per prompt: 1 the policy's answer is rated higher, 0.5 tie."""
-  rng = np.random.default_rng([seed, zlib.crc32(run.name.encode())])
+  return judge_answers(labeler, metas, run.name, run.texts, run.stopped, baseline, seed)
+
+
+def judge_answers(labeler: labeler_lib.Labeler, metas: list[dict], name: str,
+                  texts: list[str], stopped, baseline: PolicyRun, seed: int) -> np.ndarray:
+  """`labeler_outcomes` of answers that need not come from a policy run (noise keyed
+  by `name`)."""
+  rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
   return np.array([
       labeler.prefer(meta, a, b, rng, bool(sa), bool(sb))
-      for meta, a, b, sa, sb in zip(metas, run.texts, baseline.texts, run.stopped,
+      for meta, a, b, sa, sb in zip(metas, texts, baseline.texts, stopped,
                                     baseline.stopped)])
+
+
+def best_of_n_kl(n: int) -> float:
+  """KL (nats) of best-of-n sampling from the policy it draws from: log n - (n-1)/n."""
+  return math.log(n) - (n - 1) / n
+
+
+def best_of_n(candidates: list[PolicyRun], metas: list[dict], labeler: labeler_lib.Labeler,
+              baseline: PolicyRun, seed: int) -> dict:
+  """Win rates against `baseline` of the best of the first n candidate answers per prompt,
+  for n = 1, 2, 4, ... up to len(candidates), picked by the reward model (candidates'
+  `rm_scores`, when present) and by the labeler's noiseless quality (what a perfect
+  reward model would pick). Each candidate is one independent answer to every prompt.
+  Both pickers' choices at one n are judged with the same labeler noise, so where they
+  pick the same answer they get the same verdict.
+
+  The reward model's picks should win more often as n grows; where they stop improving
+  (or get worse while the labeler's keep improving), optimising that reward model further
+  (PPO, a larger KL budget) cannot help: Gao et al.'s over-optimisation, measured.
+  """
+  if not candidates:
+    raise ValueError("best_of_n needs at least one candidate answer per prompt")
+  texts = [[c.texts[i] for c in candidates] for i in range(len(metas))]
+  stopped = [[bool(c.stopped[i]) for c in candidates] for i in range(len(metas))]
+  terms = [[labeler_lib.quality_terms(meta, t, s) for t, s in zip(row, row_stopped)]
+           for meta, row, row_stopped in zip(metas, texts, stopped)]
+  latent = np.array([[labeler_lib.weighted_quality(t) for t in row] for row in terms])
+  pickers = {"labeler": latent}
+  if all(c.rm_scores is not None for c in candidates):
+    pickers["reward_model"] = np.stack([c.rm_scores for c in candidates], axis=1)
+  sizes = [2 ** i for i in range(int(math.log2(len(candidates))) + 1)]
+  out = {"n": sizes, "kl_bound": [best_of_n_kl(n) for n in sizes]}
+  for picker, values in pickers.items():
+    rows = []
+    for n in sizes:
+      pick = np.argmax(values[:, :n], axis=1)  # first of equal bests
+      chosen_texts = [texts[i][j] for i, j in enumerate(pick)]
+      chosen_stopped = [stopped[i][j] for i, j in enumerate(pick)]
+      outcome = win_rate(judge_answers(labeler, metas, f"best_of_{n}", chosen_texts,
+                                       chosen_stopped, baseline, seed))
+      rows.append({"win_rate": outcome["win_rate"], "ci95": outcome["ci95"],
+                   "correct": float(np.mean([terms[i][j]["correct"]
+                                             for i, j in enumerate(pick)]))})
+    out[picker] = rows
+  return out
+
+
+def reference_answers(metas: list[dict], labeler: labeler_lib.Labeler, baseline: PolicyRun,
+                      seed: int) -> dict:
+  """Win rates against `baseline` of two fixed answers that bound what a policy can gain:
+  the right answer, stopped, with nothing extra (`right_answer`), and the baseline's own
+  answers cut after their leading answer symbols and stopped (`baseline_without_extra`:
+  all a policy wins by only dropping filler and stopping)."""
+  right = [" ".join(tasks_lib.answer(meta)) for meta in metas]
+  trimmed = [" ".join(labeler_lib.answer_words(t, bool(s)))
+             for t, s in zip(baseline.texts, baseline.stopped)]
+  stopped = [True] * len(metas)
+  return {name: win_rate(judge_answers(labeler, metas, name, texts, stopped, baseline, seed))
+          for name, texts in (("right_answer", right), ("baseline_without_extra", trimmed))}
 
 
 def exact_correct(meta: dict, response: str, stopped: bool) -> bool:
@@ -467,6 +533,11 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, str]:
                      f"config.policies ({list(policies)})")
   if config.judge not in ("labeler", "reward_model"):
     raise ValueError(f"config.judge={config.judge!r}: use 'labeler' or 'reward_model'")
+  if config.best_of_n < 0 or config.best_of_n & (config.best_of_n - 1):
+    raise ValueError(f"config.best_of_n={config.best_of_n}: use 0 (off) or a power of two")
+  if config.best_of_n and config.judge != "labeler":
+    raise ValueError("config.best_of_n needs config.judge='labeler' (it compares the reward "
+                     "model's picks with the labeler's); set config.best_of_n=0")
   if config.judge == "reward_model" and not config.reward_model:
     raise ValueError("config.judge='reward_model' needs config.reward_model (an RM export)")
   if len(names) < 2:
@@ -585,6 +656,24 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       entry.update(task_table(metas, run))
     results["policies"][name] = entry
 
+  if use_labeler:
+    results["reference_answers"] = reference_answers(metas, labeler, baseline, config.seed)
+  if use_labeler and config.best_of_n:
+    if reference is not None and config.baseline == config.reference:
+      model, rparams = reference
+    else:
+      model, params = load_causal_lm(baseline_path)
+      rparams = parallel.replicate(params)
+    candidates = []
+    for j in range(config.best_of_n):
+      candidate = answer_prompts(f"{config.baseline}/candidate_{j}", baseline_path, model,
+                                 rparams, programs=programs, tokenizer=tokenizer,
+                                 encoder=encoder, prompt_arrays=judge_prompts,
+                                 per_device=per_device, seed=config.seed)
+      measure(candidate, model, rparams, programs=programs, judge_prompts=judge_prompts,
+              per_device=per_device, reference=None, reward=reward, text_batches_=None)
+      candidates.append(candidate)
+    results["best_of_n"] = best_of_n(candidates, metas, labeler, baseline, config.seed)
   if use_labeler and reward is not None and config.get("rankings_file"):
     results["reward_model_check"] = reward_model_check(
         config.rankings_file, rm_model, rm_params, tokenizer,

@@ -233,6 +233,40 @@ def _terms_table(results: dict) -> list[str]:
   return lines
 
 
+def _pct(outcome: dict) -> str:
+  low, high = outcome["ci95"]
+  return f"{100 * outcome['win_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _headroom_lines(results: dict) -> list[str]:
+  """Reference answers and the best-of-n table (labeler-judged results only)."""
+  lines = []
+  reference = results.get("reference_answers")
+  baseline = results.get("baseline")
+  if reference:
+    lines += [f"Against {baseline}'s answers, the right answer (stopped, nothing extra) wins "
+              f"{_pct(reference['right_answer'])}; {baseline}'s own answers with everything "
+              f"after the answer cut off win {_pct(reference['baseline_without_extra'])}: "
+              "what a policy gains by form alone.", ""]
+  table = results.get("best_of_n")
+  if table:
+    pickers = [p for p in ("reward_model", "labeler") if p in table]
+    names = {"reward_model": "picked by the reward model", "labeler": "picked by the labeler"}
+    lines += [f"Best of n {baseline} answers per prompt (KL from {baseline} at most "
+              "log n - (n-1)/n nats), judged against another of its answers:", "",
+              "| n | KL bound | " + " | ".join(f"{names[p]}: win rate | correct"
+                                          for p in pickers) + " |",
+              "|---|---|" + "---|---|" * len(pickers)]
+    for i, n in enumerate(table["n"]):
+      cells = [f"{_pct(table[p][i])} | {table[p][i]['correct']:.3f}" for p in pickers]
+      lines.append(f"| {n} | {table['kl_bound'][i]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the reward model's picks stop improving with n while the labeler's "
+              "keep improving, optimising this reward model harder cannot help: PPO against "
+              "it, at a similar KL, can be expected to do about as well as its column, and "
+              "the labeler's column is what a better reward model would be worth.", ""]
+  return lines
+
+
 def _stage_lines(pipeline_dir: epath.Path | None) -> list[str]:
   if pipeline_dir is None:
     return []
@@ -321,6 +355,9 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
     if parts:
       lines += ["By what tells the pair apart, it orders " + "; ".join(parts) + "."]
     lines.append("")
+  headroom = _headroom_lines(results)
+  if headroom:
+    lines += ["## How far the reward model can take the baseline", "", *headroom]
   stages = _stage_lines(pipeline_dir)
   if stages:
     lines += ["## Stages", "", *stages, ""]

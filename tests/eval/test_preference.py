@@ -133,6 +133,47 @@ def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
                                   max_response_len=8, per_device_batch_size=2)
 
 
+def test_best_of_n_picks_by_reward_model_and_by_labeler():
+  metas = _metas(40, seed=3)
+  labeler = labeler_lib.Labeler.calibrated(0.73)
+  right = [" ".join(tasks.answer(m)) for m in metas]
+  wrong = [" ".join(tasks.corrupt(m, tasks.answer(m), np.random.default_rng(i)))
+           for i, m in enumerate(metas)]
+  baseline = _run("sft", wrong)
+  candidates = [_run("c0", wrong), _run("c1", right), _run("c2", wrong)]
+  # the reward model prefers the wrong answers, the labeler the right ones
+  for c, score in zip(candidates, (1.0, 0.0, 0.5)):
+    c.rm_scores = np.full(len(metas), score)
+  table = preference.best_of_n(candidates, metas, labeler, baseline, seed=0)
+  assert table["n"] == [1, 2]  # powers of two up to the 3 candidates
+  assert table["kl_bound"] == [0.0, pytest.approx(math.log(2) - 0.5)]
+  assert table["labeler"][0] == table["reward_model"][0]  # n=1: same pick, same verdicts
+  assert table["labeler"][1]["correct"] == 1.0
+  wrong_correct = np.mean([tasks.correctness(m, w.split()) for m, w in zip(metas, wrong)])
+  assert table["reward_model"][1]["correct"] == pytest.approx(wrong_correct)
+  assert table["labeler"][1]["win_rate"] > table["reward_model"][1]["win_rate"] + 0.3
+  for c in candidates:
+    c.rm_scores = None
+  assert "reward_model" not in preference.best_of_n(candidates, metas, labeler, baseline, 0)
+  with pytest.raises(ValueError, match="at least one candidate"):
+    preference.best_of_n([], metas, labeler, baseline, 0)
+
+
+def test_reference_answers_bound_what_dropping_filler_wins():
+  metas = _metas(60, seed=4)
+  labeler = labeler_lib.Labeler.calibrated(0.73)
+  wrong_chatty = _run("sft", [" ".join(tasks.corrupt(m, tasks.answer(m),
+                                                     np.random.default_rng(i))) + " . ok"
+                              for i, m in enumerate(metas)])
+  ref = preference.reference_answers(metas, labeler, wrong_chatty, seed=0)
+  assert ref["baseline_without_extra"]["win_rate"] > 0.6  # filler cut: rated higher
+  assert ref["right_answer"]["win_rate"] > ref["baseline_without_extra"]["win_rate"]
+  never_stops = _run("sft", [" ".join(tasks.answer(m)) for m in metas], stopped=False)
+  ref = preference.reference_answers(metas, labeler, never_stops, seed=0)
+  # the trimmed answer is read as stopped (unchanged it would win only half the time)
+  assert ref["baseline_without_extra"]["win_rate"] > 0.75
+
+
 def test_pair_difference_separates_what_an_answer_says_from_how_it_ends():
   meta = {"task": "sort", "items": ["c", "a", "b"], "arg": None}
   right = labeler_lib.quality_terms(meta, "a b c")
@@ -263,6 +304,13 @@ def test_report_has_the_table_plots_and_tensorboard_images(chain):
   check = json.loads((root / "evaluate" / "results.json").read_text())["reward_model_check"]
   assert check["pairs"] > 0 and 0.0 <= check["rm_vs_noiseless"] <= 1.0
   assert "the reward model orders" in text
+  results = json.loads((root / "evaluate" / "results.json").read_text())
+  best = results["best_of_n"]
+  assert best["n"] == [1, 2] and len(best["reward_model"]) == len(best["labeler"]) == 2
+  assert best["labeler"][1]["correct"] >= best["labeler"][0]["correct"]  # picks the better
+  assert set(results["reference_answers"]) == {"right_answer", "baseline_without_extra"}
+  assert "## How far the reward model can take the baseline" in text
+  assert "| 2 | 0.19 |" in text
   split = check["by_difference"]
   assert sum(group["pairs"] for group in split.values()) == check["pairs"]
   for name, group in split.items():
@@ -300,6 +348,13 @@ def test_reward_model_judges_prompts_without_a_labeler(chain, tmp_path):
   assert entry["win_rate"] == entry["rm_judged"]["win_rate"]
   assert results["pretrain_file"] is None and entry["pretrain_nll"] is None
   assert (tmp_path / "rm" / "report.md").exists()
+  config.best_of_n = 2
+  with pytest.raises(ValueError, match="config.best_of_n needs config.judge='labeler'"):
+    preference.evaluate_policies(config, str(tmp_path / "bad"))
+  config.judge, config.best_of_n = "labeler", 3
+  with pytest.raises(ValueError, match="config.best_of_n=3: use 0 .off. or a power of two"):
+    preference.evaluate_policies(config, str(tmp_path / "bad"))
+  config.best_of_n = 0
   with pytest.raises(ValueError, match="config.baseline='base' is not one of"):
     config.baseline = "base"
     preference.evaluate_policies(config, str(tmp_path / "bad"))
