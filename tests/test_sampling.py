@@ -52,6 +52,23 @@ def test_stop_token_cuts_the_response(policy):
   np.testing.assert_array_equal(out.sequences, np.concatenate([policy[2], ids], axis=1))
 
 
+def test_sample_categorical_draws_each_token_with_its_probability():
+  probs = np.array([0.0, 0.5, 0.0, 0.2, 0.05, 0.25, 0.0])  # zero mass first and last
+  logits = jnp.log(jnp.asarray(probs, jnp.float32))[None].repeat(40_000, axis=0)
+  tokens = np.asarray(sampling.sample_categorical(jax.random.key(3), logits))
+  counts = np.bincount(tokens, minlength=len(probs)) / len(tokens)
+  np.testing.assert_array_equal(counts[probs == 0], 0.0)
+  # 4 binomial standard errors at p = 0.5 over 40k draws: 0.01
+  np.testing.assert_allclose(counts, probs, atol=0.01)
+  # rows are independent and the key decides
+  again = sampling.sample_categorical(jax.random.key(3), logits)
+  np.testing.assert_array_equal(again, tokens)
+  assert len(set(tokens[:50].tolist())) > 1
+  # a row of one finite logit always gives that token
+  one = jnp.full((4, 9), -jnp.inf).at[:, 8].set(0.0)
+  np.testing.assert_array_equal(sampling.sample_categorical(jax.random.key(4), one), 8)
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(policy):
   greedy = _sample(policy, greedy=True)
   top_k = _sample(policy, top_k=1, temperature=0.7, rng=jax.random.key(1))
