@@ -26,6 +26,10 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.stages = ("pretrain", "sft", "reward_model", "ppo", "ppo_ptx",
                    "evaluate")  # Run in order.
+  # Added to every training stage's own seed (init, data order, sampling); the world
+  # (config.world.seed) and the evaluation's sampling and labeler noise stay fixed, so
+  # two seeds differ only in how the models were trained.
+  config.seed = 0
   # One world for every stage (its sections' own `data.world` are replaced by this).
   config.world = config_lib.world_config(scale=0.002 if variant == "test" else 0.05)
   config.pretrain = pretrain_config.get_config(variant)

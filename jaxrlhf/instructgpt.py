@@ -56,6 +56,8 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
   if name == "evaluate":
     return evaluate_config(config, workdir)
   stage = ml_collections.ConfigDict(config[name].to_dict())
+  # Another training seed (init, data order, sampling) on the same world.
+  stage.seed = stage.seed + config.get("seed", 0)
   stage.data.world_dir = str(workdir / "world")
   stage.data.world = ml_collections.ConfigDict(config.world.to_dict())
   parent = STAGES[name][2]

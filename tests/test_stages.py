@@ -185,3 +185,17 @@ def test_normalisation_to_unit_std_on_policy_samples():
   gain, bias = reward_model.fit_normalization(demos, samples)
   normed = samples * gain + bias
   assert abs(normed.mean()) < 1e-9 and abs(normed.std() - 1.0) < 1e-9
+
+
+def test_pipeline_seed_moves_every_training_seed_but_not_the_world():
+  from configs import instructgpt as pipeline_config
+  config = pipeline_config.get_config("test")
+  root = pathlib.Path("/unused")
+  base = {name: instructgpt.stage_config(config, name, root).seed
+          for name in config.stages if name != "evaluate"}
+  config.seed = 3
+  for name, seed in base.items():
+    stage = instructgpt.stage_config(config, name, root)
+    assert stage.seed == seed + 3, name
+    assert stage.data.world.seed == config.world.seed == 0, name
+  assert instructgpt.stage_config(config, "evaluate", root).seed == 0
