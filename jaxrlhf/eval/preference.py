@@ -436,7 +436,7 @@ def task_table(metas: list[dict], run: PolicyRun) -> dict:
 # Which of the labeler's terms tell two responses apart: `content` = only what the answer
 # says (correct, constraint), `form` = only how it ends (stopped, concise), `both`.
 PAIR_DIFFERENCES = ("content", "form", "both")
-_CONTENT_TERMS = ("correct", "constraint")
+_CONTENT_TERMS = frozenset({"correct", "constraint"})
 
 
 def pair_difference(terms_a: dict[str, float], terms_b: dict[str, float]) -> str:
@@ -444,8 +444,7 @@ def pair_difference(terms_a: dict[str, float], terms_b: dict[str, float]) -> str
   differ = {name for name in labeler_lib.WEIGHTS if terms_a[name] != terms_b[name]}
   if not differ:
     raise ValueError("pair_difference of responses with equal quality terms")
-  content = bool(differ & set(_CONTENT_TERMS))
-  form = bool(differ - set(_CONTENT_TERMS))
+  content, form = bool(differ & _CONTENT_TERMS), bool(differ - _CONTENT_TERMS)
   return "both" if content and form else "content" if content else "form"
 
 
@@ -593,12 +592,15 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 config.num_text_batches) if text_file else None)
 
   # --- Answers and measurements, one checkpoint load per policy ------------------------
-  def run_policy(name, path, prompt_arrays, few_shot=False):
+  def policy_params(name, path):
+    """(model, replicated params); the reference policy's are already loaded."""
     if reference is not None and name == config.reference:
-      model, rparams = reference
-    else:
-      model, params = load_causal_lm(path)
-      rparams = parallel.replicate(params)
+      return reference
+    model, params = load_causal_lm(path)
+    return model, parallel.replicate(params)
+
+  def run_policy(name, path, prompt_arrays, few_shot=False):
+    model, rparams = policy_params(name, path)
     run = answer_prompts(name, path, model, rparams, programs=programs, tokenizer=tokenizer,
                          encoder=encoder, prompt_arrays=prompt_arrays,
                          per_device=per_device, seed=config.seed, few_shot=few_shot)
@@ -659,11 +661,7 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if use_labeler:
     results["reference_answers"] = reference_answers(metas, labeler, baseline, config.seed)
   if use_labeler and config.best_of_n:
-    if reference is not None and config.baseline == config.reference:
-      model, rparams = reference
-    else:
-      model, params = load_causal_lm(baseline_path)
-      rparams = parallel.replicate(params)
+    model, rparams = policy_params(config.baseline, baseline_path)
     candidates = []
     for j in range(config.best_of_n):
       candidate = answer_prompts(f"{config.baseline}/candidate_{j}", baseline_path, model,

@@ -187,8 +187,7 @@ def _main_table(results: dict) -> list[str]:
     if e.get("win_rate") is None:
       rate = "50% (baseline)"
     else:
-      lo, hi = e["win_rate_ci95"]
-      rate = f"**{100 * e['win_rate']:.1f}%** [{100 * lo:.1f}, {100 * hi:.1f}]"
+      rate = _pct(e["win_rate"], e["win_rate_ci95"], bold=True)
     rm = e.get("rm_judged")
     rm_rate = f"{100 * rm['win_rate']:.1f}%" if rm else "–"
     tax = e.get("alignment_tax")
@@ -233,9 +232,14 @@ def _terms_table(results: dict) -> list[str]:
   return lines
 
 
-def _pct(outcome: dict) -> str:
-  low, high = outcome["ci95"]
-  return f"{100 * outcome['win_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+def _pct(rate: float, ci95, bold: bool = False) -> str:
+  """A win rate with its 95% interval, in percent."""
+  mark = "**" if bold else ""
+  return f"{mark}{100 * rate:.1f}%{mark} [{100 * ci95[0]:.1f}, {100 * ci95[1]:.1f}]"
+
+
+def _outcome_pct(outcome: dict) -> str:
+  return _pct(outcome["win_rate"], outcome["ci95"])
 
 
 def _headroom_lines(results: dict) -> list[str]:
@@ -245,8 +249,8 @@ def _headroom_lines(results: dict) -> list[str]:
   baseline = results.get("baseline")
   if reference:
     lines += [f"Against {baseline}'s answers, the right answer (stopped, nothing extra) wins "
-              f"{_pct(reference['right_answer'])}; {baseline}'s own answers with everything "
-              f"after the answer cut off win {_pct(reference['baseline_without_extra'])}: "
+              f"{_outcome_pct(reference['right_answer'])}; {baseline}'s own answers with everything "
+              f"after the answer cut off win {_outcome_pct(reference['baseline_without_extra'])}: "
               "what a policy gains by form alone.", ""]
   table = results.get("best_of_n")
   if table:
@@ -258,7 +262,7 @@ def _headroom_lines(results: dict) -> list[str]:
                                           for p in pickers) + " |",
               "|---|---|" + "---|---|" * len(pickers)]
     for i, n in enumerate(table["n"]):
-      cells = [f"{_pct(table[p][i])} | {table[p][i]['correct']:.3f}" for p in pickers]
+      cells = [f"{_outcome_pct(table[p][i])} | {table[p][i]['correct']:.3f}" for p in pickers]
       lines.append(f"| {n} | {table['kl_bound'][i]:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "Where the reward model's picks stop improving with n while the labeler's "
               "keep improving, optimising this reward model harder cannot help: PPO against "
