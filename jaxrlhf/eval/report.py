@@ -224,7 +224,8 @@ def _terms_table(results: dict) -> list[str]:
   names = [n for n in policy_names(results) if "quality_terms" in results["policies"][n]]
   if not names:
     return []
-  terms = list(results["policies"][names[0]]["quality_terms"])
+  # The labeler's order, not the file's: summary.json is written with sorted keys.
+  terms = [t for t in labeler_lib.WEIGHTS if t in results["policies"][names[0]]["quality_terms"]]
   lines = ["| policy | " + " | ".join(terms) + " |", "|---|" + "---|" * len(terms)]
   for n in names:
     values = results["policies"][n]["quality_terms"]

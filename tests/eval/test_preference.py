@@ -368,3 +368,5 @@ def test_report_keeps_the_policy_order_through_a_sorted_json_file(chain, tmp_pat
   rows = [line.split("|")[1].strip() for line in text.splitlines()
           if line.startswith("| ") and "win rate" not in line][:4]
   assert rows == ["sft", "ppo", "ppo_ptx", "base_few_shot (few-shot)"]
+  header = next(line for line in text.splitlines() if line.startswith("| policy | c"))
+  assert header == "| policy | " + " | ".join(labeler_lib.WEIGHTS) + " |"
