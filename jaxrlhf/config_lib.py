@@ -47,7 +47,8 @@ def world_config(scale: float = 0.05, seed: int = 0) -> ml_collections.ConfigDic
   cfg.seed = seed  # Fixes users, prompts, demonstrations and the corpus.
   cfg.scale = scale  # x the paper's 13k SFT / 33k RM / 31k PPO prompts.
   cfg.num_users = 200  # Simulated API users, split train/valid/test by user.
-  cfg.pretrain_documents = 100_000  # x scale: the pretraining corpus size.
+  cfg.pretrain_documents = 400_000  # x scale: the pretraining corpus size.
+  cfg.qa_text_rate = 0.3  # Share of web statements written in the prompts' "->" form.
   cfg.demo_error_rate = 0.1  # Chance a demonstration has a slip.
   cfg.demo_filler_rate = 0.25  # Chance a demonstration ends with chatty filler.
   cfg.labeler_agreement = 0.73  # Two simulated labelers agree on this share of pairs.

@@ -78,12 +78,38 @@ def test_world_files_load_through_the_ordinary_loaders_within_budget(world_dir, 
   assert set(world.task_meta(prompt.meta)) == {"task", "items", "arg"}
 
 
-def test_pretraining_text_has_no_instruction_format(world_dir):
+def _statements(text):
+  return [s.strip() + " ." for s in text.split(" .") if s.strip()]
+
+
+def test_pretraining_text_states_facts_some_in_the_prompt_form_never_stopped(world_dir):
   texts = [json.loads(l)["text"] for l in open(os.path.join(world_dir, "pretrain/train.jsonl"))]
   assert len(texts) == round(TINY.pretrain_documents * TINY.scale)
+  statements = [s for t in texts for s in _statements(t)]
+  qa = [s for s in statements if tasks.PROMPT_END in s]
+  web = [s for s in statements if " is " in s]
+  assert len(qa) + len(web) > 0.85 * len(statements)
+  # qa_text_rate of the task statements (not the bare lists), within 4 binomial SE.
+  share, n = len(qa) / (len(qa) + len(web)), len(qa) + len(web)
+  assert abs(share - TINY.qa_text_rate) < 4 * (0.3 * 0.7 / n) ** 0.5, share
+  for statement in qa:  # "sort : 3 1 -> 1 3 .": a right answer, no user style, no stop
+    prompt, answer = statement[:-2].split(f" {tasks.PROMPT_END} ")
+    words = prompt.split()
+    assert words[0] in tasks.TASKS and words[-1] not in tasks.PROMPT_WORDS
+    meta = {"task": words[0], "arg": words[1] if words[2] == ":" else None,
+            "items": words[words.index(":") + 1:]}
+    assert answer.split() == tasks.answer(meta), statement
+  assert not any(w in " ".join(texts).split() for w in ("<eos>",) + tasks.FILLER_WORDS
+                 + tasks.PROMPT_WORDS)
+
+
+def test_qa_text_rate_zero_keeps_instruction_format_out_of_pretraining():
+  config = world.WorldConfig(**{**TINY.__dict__, "qa_text_rate": 0.0})
+  texts = [d["text"] for d in world.generate_world(config)["pretrain"]["train"]]
   assert not any(tasks.PROMPT_END in t or " : " in t for t in texts)
-  statements = " ".join(texts).count(" is ")
-  assert statements > 2 * len(texts)
+  assert " ".join(texts).count(" is ") > 2 * len(texts)
+  with pytest.raises(ValueError, match="qa_text_rate"):
+    world.WorldConfig(qa_text_rate=1.5)
 
 
 def test_demonstrations_are_mostly_right_but_imperfect(world_dir):
@@ -134,6 +160,26 @@ def test_rankings_rank_zero_best_with_ties():
   meta = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
   ranks = labeler.rank(meta, ["c b a", "c b a . ok", "a", "c b a"], np.random.default_rng(0))
   assert ranks == [0, 1, 2, 0]
+
+
+def test_responses_that_read_the_same_get_one_rating_and_tie():
+  labeler = world.Labeler(noise_scale=3.0)  # Noisy enough that independent draws differ.
+  meta = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    ratings = labeler.ratings(meta, ["c b a", "a", "c b a <pad>", "c b a", "c b a <eos> x"],
+                              rng, [True, True, True, False, False])
+    # Padding and words after the stop are not read; a missing stop is.
+    assert ratings[0] == ratings[2] == ratings[4]
+    assert labeler.prefer(meta, "c b", "c b", rng) == 0.5
+  # Distinct responses still get their own noise.
+  many = [labeler.ratings(meta, ["c b a", "c b a . ok"], rng) for _ in range(50)]
+  assert len({tuple(r) for r in many}) > 1
+
+
+def test_reference_comparisons_pair_distinct_responses():
+  for _, first, second in world.reference_comparisons(500, seed=3):
+    assert labeler_lib.reading(*first) != labeler_lib.reading(*second)
 
 
 def test_measured_agreement_is_within_3_points_of_the_configured_value():

@@ -11,9 +11,11 @@ Likert rating, deterministic: a weighted sum of
 
 A response whose first word is not an answer symbol gets 1. For rankings the
 labeler rates each response with Gaussian noise on the latent 1-7 value, rounds,
-and ranks by rating (equal ratings tie). The noise scale is calibrated so that
-two independent labelers agree on a configured share of comparisons (the paper's
-inter-labeler agreement, about 73%) of policy-like responses.
+and ranks by rating (equal ratings tie). Responses that read the same (same words
+up to the stop, same stop) are one response to the labeler: they get one rating
+and always tie. The noise scale is calibrated so that two independent labelers
+agree on a configured share of comparisons (the paper's inter-labeler agreement,
+about 73%) of distinct policy-like responses.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def read_response(response: str, stopped: bool | None = None) -> tuple[list[str]
   if EOS_WORD in words:
     return words[:words.index(EOS_WORD)], True
   return words, bool(stopped)
+
+
+def reading(response: str, stopped: bool | None = None) -> tuple[tuple[str, ...], bool]:
+  """What the labeler reads of a response: two responses with equal readings are one."""
+  words, stopped = read_response(response, stopped)
+  return tuple(words), stopped
 
 
 def _leading_answer(words: Sequence[str]) -> list[str]:
@@ -107,7 +115,8 @@ def ranks_from_ratings(ratings: Sequence[float]) -> list[int]:
 
 
 def _agreement_from_latents(latents: np.ndarray, noise: np.ndarray, scale: float) -> float:
-  """latents [pairs, 2]; noise [2 labelers, pairs, 2] standard normal."""
+  """latents [pairs, 2]; noise [2 labelers, pairs, 2] standard normal (one draw for both
+  sides of a pair of identical responses)."""
   ratings = _likert(latents[None] + scale * noise)  # [labelers, pairs, 2]
   prefer = np.sign(ratings[..., 0] - ratings[..., 1])  # [labelers, pairs]
   return float(np.mean(prefer[0] == prefer[1]))
@@ -135,13 +144,17 @@ def sample_policy_like_response(meta: dict[str, Any], rng: np.random.Generator
 
 
 def reference_comparisons(num_pairs: int, seed: int) -> list[tuple[dict, tuple[str, bool], tuple[str, bool]]]:
-  """Pairs of policy-like responses to random world prompts, for calibration and tests."""
+  """Pairs of distinct policy-like responses to random world prompts (labelers compare
+  different outputs), for calibration and tests."""
   rng = np.random.default_rng([seed, 7349])
   pairs = []
   for _ in range(num_pairs):
     meta = tasks.sample_instance(tasks.TASKS[int(rng.integers(len(tasks.TASKS)))], rng)
-    pairs.append((meta, sample_policy_like_response(meta, rng),
-                  sample_policy_like_response(meta, rng)))
+    first = sample_policy_like_response(meta, rng)
+    second = sample_policy_like_response(meta, rng)
+    while reading(*second) == reading(*first):
+      second = sample_policy_like_response(meta, rng)
+    pairs.append((meta, first, second))
   return pairs
 
 
@@ -154,10 +167,16 @@ def calibrate_noise_scale(agreement: float, seed: int = 0, num_pairs: int = 2000
 
 
 def noise_scale_for_agreement(agreement: float, latent_pairs: Sequence[tuple[float, float]],
-                              seed: int = 0) -> float:
-  """Bisection on the noise scale; common random numbers keep agreement monotone enough."""
+                              seed: int = 0, identical: Sequence[bool] | None = None) -> float:
+  """Bisection on the noise scale; common random numbers keep agreement monotone enough.
+
+  `identical[i]` marks a pair of responses that read the same: one rating for both.
+  """
   latents = np.asarray(latent_pairs, np.float64)
   noise = np.random.default_rng([seed, 1]).standard_normal((2,) + latents.shape)
+  if identical is not None:
+    same = np.asarray(identical, bool)
+    noise[:, same, 1] = noise[:, same, 0]
   ceiling = _agreement_from_latents(latents, noise, 0.0)
   if not 0.0 < agreement <= ceiling:
     raise ValueError(f"agreement {agreement} is out of reach; noiseless labelers agree "
@@ -187,18 +206,24 @@ class Labeler:
                     agreement: float = 0.73, seed: int = 0) -> Labeler:
     """Calibrated on given (meta, (a, stopped), (b, stopped)) comparisons, e.g. real samples."""
     latents = [(latent_score(m, *a), latent_score(m, *b)) for m, a, b in comparisons]
-    return cls(noise_scale_for_agreement(agreement, latents, seed))
+    identical = [reading(*a) == reading(*b) for _, a, b in comparisons]
+    return cls(noise_scale_for_agreement(agreement, latents, seed, identical))
 
   def score(self, meta: dict[str, Any], response: str, stopped: bool | None = True) -> int:
     return score(meta, response, stopped)
 
   def ratings(self, meta: dict[str, Any], responses: Sequence[str], rng: np.random.Generator,
               stopped: Sequence[bool | None] | None = None) -> list[int]:
-    """Noisy 1-7 ratings of each response."""
+    """Noisy 1-7 ratings of each response; responses that read the same share one."""
     stopped = [True] * len(responses) if stopped is None else list(stopped)
-    latents = np.array([latent_score(meta, r, s) for r, s in zip(responses, stopped)])
-    noisy = latents + self.noise_scale * rng.standard_normal(latents.shape)
-    return _likert(noisy).tolist()
+    readings = [reading(r, s) for r, s in zip(responses, stopped)]
+    distinct = list(dict.fromkeys(readings))
+    first = {key: readings.index(key) for key in distinct}
+    latents = np.array([latent_score(meta, responses[first[k]], stopped[first[k]])
+                        for k in distinct])
+    noisy = _likert(latents + self.noise_scale * rng.standard_normal(latents.shape))
+    rating = dict(zip(distinct, noisy.tolist()))
+    return [rating[key] for key in readings]
 
   def rank(self, meta: dict[str, Any], responses: Sequence[str], rng: np.random.Generator,
            stopped: Sequence[bool | None] | None = None) -> list[int]:

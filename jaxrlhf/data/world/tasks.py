@@ -116,6 +116,11 @@ def web_statement(meta: dict[str, Any]) -> str:
   return f"{task} {items} is {result} ."
 
 
+def qa_statement(meta: dict[str, Any]) -> str:
+  """The fact as question-and-answer text on the web states it: the prompt's form, no stop."""
+  return f"{prompt_text(meta)} {' '.join(answer(meta))} ."
+
+
 def _as_number(tokens: Sequence[str]) -> int | None:
   if not 1 <= len(tokens) <= 2 or not all(t in DIGITS for t in tokens):
     return None

@@ -6,8 +6,11 @@ the paper. Writers of demonstrations answer correctly most of the time, but some
 make slips and some add chatty filler after the answer, which the labeler
 marks down: SFT copies those habits, and an RM trained on the labeler's rankings
 can teach PPO to drop them. The pretraining corpus states the same facts as
-"web text" ("reverse c a f is f a c . sort 3 1 is 1 3 .") with no instruction
-format and no stop after an answer, so a base model learns the tasks but rambles.
+"web text" ("reverse c a f is f a c . sort 3 1 is 1 3 ."), and a share of it as
+question-and-answer text in the prompts' own form ("sort : 3 1 -> 1 3 ."), as a web
+corpus holds some, but never with a stop after an answer, never with demonstrators'
+filler and never with the users' "please"; so a base model learns the tasks, can be
+prompted few-shot, and rambles.
 
 `write_world(config, out_dir)` writes everything as JSONL in the formats of
 `jaxrlhf.data.formats`, so the world is read through the same loaders as real
@@ -49,7 +52,7 @@ class WorldConfig:
   scale: float = 0.1                      # x the paper's 13k / 33k / 31k prompts
   num_users: int = 200                    # simulated API users
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # of users: train/valid/test
-  pretrain_documents: int = 100_000       # x scale; 5% more go to validation
+  pretrain_documents: int = 400_000       # x scale; 5% more go to validation
   num_demonstrators: int = 8              # writers of the SFT responses
   demo_error_rate: float = 0.1            # mean chance a demonstration has a slip
   demo_filler_rate: float = 0.25          # mean chance it ends with chatty filler
@@ -57,6 +60,7 @@ class WorldConfig:
   max_prompt_len: int = 24                # tokens, with BOS (the longest world prompt is 14)
   max_response_len: int = 12              # tokens, with EOS (the longest answer is 6)
   max_text_len: int = 64                  # pretraining document tokens, BOS and EOS included
+  qa_text_rate: float = 0.3               # share of web statements in the prompts' "->" form
   tasks: tuple[str, ...] = tasks.TASKS
 
   def __post_init__(self):
@@ -65,6 +69,8 @@ class WorldConfig:
     unknown = set(self.tasks) - set(tasks.TASKS)
     if unknown:
       raise ValueError(f"unknown tasks {sorted(unknown)}; known: {tasks.TASKS}")
+    if not 0.0 <= self.qa_text_rate <= 1.0:
+      raise ValueError(f"qa_text_rate must be in [0, 1], got {self.qa_text_rate}")
     if self.num_users < 3:
       raise ValueError("num_users must be at least 3, one per split")
 
@@ -168,7 +174,11 @@ def _documents(config: WorldConfig, count: int, stream: str) -> list[dict[str, s
         statement = f"list {' '.join(items)} ."
       else:
         task = config.tasks[int(rng.integers(len(config.tasks)))]
-        statement = tasks.web_statement(tasks.sample_instance(task, rng))
+        meta = tasks.sample_instance(task, rng)
+        if config.qa_text_rate and rng.random() < config.qa_text_rate:
+          statement = tasks.qa_statement(meta)
+        else:
+          statement = tasks.web_statement(meta)
       if words and len(words) + len(statement.split()) > budget:
         break
       words.extend(statement.split())
