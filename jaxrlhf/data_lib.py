@@ -19,6 +19,7 @@ from etils import epath
 
 from jaxrlhf import parallel
 from jaxrlhf import data as data_pkg
+from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.data.world import world as world_lib
 
 
@@ -223,11 +224,21 @@ def score_batches(tokenizer, pairs: list[tuple[str, str]], lengths: data_pkg.Len
 # ---------------------------------------------------------------------------------------
 
 
+def distinct_comparisons(meta: dict, texts: list[str], stopped: list[bool]) -> list[tuple]:
+  """(meta, (a, stopped_a), (b, stopped_b)) for every pair of responses the labeler reads
+  as different: the pairs two labelers can disagree on."""
+  readings = [labeler_lib.reading(t, s) for t, s in zip(texts, stopped)]
+  return [(meta, (texts[i], stopped[i]), (texts[j], stopped[j]))
+          for i in range(len(texts)) for j in range(i + 1, len(texts))
+          if readings[i] != readings[j]]
+
+
 def build_world_rankings(config, tokenizer, workdir, out_dir: epath.Path) -> dict:
   """Samples K (k_min..k_max) responses per RM prompt from the policy; the labeler ranks.
 
   Deterministic given the seeds, so an interrupted stage rebuilds the same files.
-  Returns the measured agreement of two independent labelers on the validation pairs.
+  Returns the measured agreement of two independent labelers on the validation pairs of
+  distinct responses (the labeler ties identical ones, and calibrates on distinct pairs).
   """
   from jaxrlhf import model_lib  # pylint: disable=g-import-not-at-top
   from jaxrlhf import policy_lib  # pylint: disable=g-import-not-at-top
@@ -271,14 +282,12 @@ def build_world_rankings(config, tokenizer, workdir, out_dir: epath.Path) -> dic
       ranks = labeler.rank(meta, texts, rng, stopped) if k >= 2 else [0] * k
       out.append(world_lib.ranking_record(record, texts, ranks))
       if split == "validation":
-        comparisons.extend((meta, (texts[i], stopped[i]), (texts[j], stopped[j]))
-                           for i in range(k) for j in range(i + 1, k))
+        comparisons.extend(distinct_comparisons(meta, texts, stopped))
     info[split] = world_lib.write_rankings(str(out_dir / f"{split}.jsonl"), out)
     info[split]["skipped/empty_response"] = int(empty_responses)
     if empty_responses:
       logging.info("%s rankings: left out %d empty responses", split, empty_responses)
     if split == "validation" and comparisons:
-      from jaxrlhf.data.world import labeler as labeler_lib  # pylint: disable=g-import-not-at-top
       info["labeler_agreement"] = labeler_lib.measure_agreement(labeler, comparisons)
   return info
 

@@ -110,7 +110,7 @@ def print_summary(summaries: dict, workdir) -> None:
       agreement = s.get("labeler_agreement")
       print(f"  {name:>13}: held-out pairwise accuracy {first.get('eval_accuracy', nan):.3f}"
             f" -> {last['eval_accuracy']:.3f} (two simulated labelers agree on "
-            f"{agreement if agreement is not None else nan:.3f} of these comparisons)")
+            f"{agreement if agreement is not None else nan:.3f} of distinct pairs)")
     elif "eval_policy_score" in last:
       print(f"  {name:>13}: held-out mean RM score {first.get('eval_policy_score', nan):.3f}"
             f" -> {last['eval_policy_score']:.3f} (EMA policy "

@@ -290,7 +290,8 @@ def _stage_lines(pipeline_dir: epath.Path | None) -> list[str]:
         f"- **reward model**: held-out pairwise accuracy {_fmt(first.get('eval_accuracy'))}"
         f" → **{_fmt(last.get('eval_accuracy'))}** on {int(last.get('eval_comparisons', 0))}"
         f" comparisons; two independent simulated labelers agree on "
-        f"**{_fmt(rm.get('labeler_agreement'))}** of those comparisons (the paper: about "
+        f"**{_fmt(rm.get('labeler_agreement'))}** of those between distinct responses "
+        "(the paper: about "
         "73% between labelers, 72-73% RM accuracy). Agreement counts a tie as a verdict; "
         "the RM's accuracy is over untied pairs.")
   for stage in PPO_STAGES:
