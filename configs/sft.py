@@ -45,7 +45,8 @@ def get_config(arg=None):
   config.num_epochs = 16  # Passes over the training set (the paper: 16).
   config.num_steps = 0  # If > 0, overrides num_epochs.
   config.optimizer = optim.default_optimizer_config()
-  # Low enough to keep what the base model knows (1e-3 halves the world's SFT correctness).
+  # Low enough to keep what the base model knows: on the world, 1e-3 leaves SFT's greedy
+  # answers exactly right on 0.60 of held-out prompts, 1e-4 on 0.81.
   config.optimizer.learning_rate = 1e-4
   config.optimizer.schedule = "cosine"  # Warm-up, then cosine decay to 10% (the paper).
   config.optimizer.warmup_steps = 20
