@@ -28,10 +28,15 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
 
 
+SFT_STEPS = 200
+
+
 def _sft(world):
-  # Enough steps for a SIGTERM to be agreed on before the end (see the preempted run).
-  return {"data.world_dir": world, "num_steps": 40, "log_every": 1, "eval_every": 0,
-          "checkpoint_every": 100, "num_sample_prompts": 0}
+  # Enough steps for a SIGTERM to be agreed on before the end (see the preempted run):
+  # a step takes ~20 ms here, and with 40 steps a loaded machine once finished all of
+  # them before the two processes had agreed on where to stop.
+  return {"data.world_dir": world, "num_steps": SFT_STEPS, "log_every": 1,
+          "eval_every": 0, "checkpoint_every": 1000, "num_sample_prompts": 0}
 
 
 def _rm(world, init_from):
@@ -182,7 +187,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_bit_identical(
            for out in outputs]
   assert stops[0] and stops[0] == stops[1], stops  # the same step on both processes
   step = int(stops[0][0])
-  assert step < 40
+  assert step < SFT_STEPS
   assert f"Resuming sft from step {step}" in runs["outputs"]["sft_resumed"][0]
   print(f"multi-host SIGTERM: both processes stopped at step {step}; resumed")
   _, straight = models.from_pretrained(str(runs["root"] / "two" / "sft" / "hf"))
