@@ -217,12 +217,12 @@ class Labeler:
     """Noisy 1-7 ratings of each response; responses that read the same share one."""
     stopped = [True] * len(responses) if stopped is None else list(stopped)
     readings = [reading(r, s) for r, s in zip(responses, stopped)]
-    distinct = list(dict.fromkeys(readings))
-    first = {key: readings.index(key) for key in distinct}
-    latents = np.array([latent_score(meta, responses[first[k]], stopped[first[k]])
-                        for k in distinct])
+    first = {}  # reading -> its first (response, stopped), in order of appearance
+    for key, response, stop in zip(readings, responses, stopped):
+      first.setdefault(key, (response, stop))
+    latents = np.array([latent_score(meta, r, s) for r, s in first.values()])
     noisy = _likert(latents + self.noise_scale * rng.standard_normal(latents.shape))
-    rating = dict(zip(distinct, noisy.tolist()))
+    rating = dict(zip(first, noisy.tolist()))
     return [rating[key] for key in readings]
 
   def rank(self, meta: dict[str, Any], responses: Sequence[str], rng: np.random.Generator,
