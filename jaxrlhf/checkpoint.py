@@ -97,7 +97,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # Not swallowed: reported, and the run only goes on from an older checkpoint.
         msg = f"checkpoint at step {candidate} in {self.directory} is unreadable: {e!r}"
-        logging.error(msg)
+        logging.info(msg)  # the log file's record; the console line follows
         print(f"WARNING: {msg}; falling back to the previous checkpoint.", flush=True)
         errors.append(msg)
         continue

@@ -2,11 +2,18 @@
 
 `experiments/<stage>.py` is `launch.main(stage.train_and_evaluate)`; this module owns the
 flags so every stage accepts the same ones.
+
+The console shows stage headers, progress bars, results, warnings and errors; the INFO
+log of jaxrlhf and the libraries (orbax, jax) goes to `<workdir>/log.txt` (process 0;
+`log.process<N>.txt` for the others), appended across reruns. `--alsologtostderr` (or an
+explicit `--verbosity`) shows it on the console too.
 """
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
+import tempfile
 from typing import Callable
 
 from absl import app
@@ -24,6 +31,36 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Processes in a multi-process run (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index (or JAX_PROCESS_ID).")
+_FIXED_REDUCTION_ORDER = flags.DEFINE_bool(
+    "fixed_reduction_order", False,
+    "Sum over devices in device order, so a run is bit-identical however its devices are "
+    "spread over processes (costs one gathered copy per device of what is summed; see "
+    "jaxrlhf/parallel.py).")
+
+
+def log_file_path(workdir: str | None) -> str:
+  """Where this process's INFO log goes: in the workdir when it is a local directory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  name = "log.txt" if jax.process_index() == 0 else f"log.process{jax.process_index()}.txt"
+  if workdir and "://" not in workdir:
+    return os.path.join(os.path.abspath(workdir), name)
+  # No workdir, or a bucket (a FileHandler cannot append there): a local directory.
+  return os.path.join(tempfile.gettempdir(), "jaxrlhf_logs", name)
+
+
+def route_logs(workdir: str | None) -> str:
+  """INFO and up to the log file; WARNING and up to the console unless asked for more."""
+  path = log_file_path(workdir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  handler = python_logging.FileHandler(path, mode="a", encoding="utf-8")
+  handler.setFormatter(logging.PythonFormatter())
+  handler.setLevel(python_logging.DEBUG)
+  python_logging.getLogger().addHandler(handler)
+  if not (flags.FLAGS["verbosity"].present or flags.FLAGS["alsologtostderr"].value
+          or flags.FLAGS["logtostderr"].value):
+    logging.get_absl_handler().setLevel(python_logging.WARNING)
+  logging.info("log of this run: %s", path)
+  return path
 
 
 def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
@@ -35,6 +72,8 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
     from jaxrlhf import parallel  # imports jax only after absl parsed the flags
     parallel.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.set_fixed_reduction_order(_FIXED_REDUCTION_ORDER.value)
+    route_logs(_WORKDIR.value)
     if needs_workdir and not _WORKDIR.value:
       raise app.UsageError("--workdir is required.")
     if _WORKDIR.value:  # reruns and resumes read compiled steps back from the workdir

@@ -252,22 +252,22 @@ def whiten(
     values: jax.Array,
     mask: jax.Array,
     shift_mean: bool = True,
-    axis_name: str | None = None,
+    global_sum: Callable[[jax.Array], jax.Array] | None = None,
     eps: float = 1e-8,
 ) -> jax.Array:
   """Whitens `values` with the mean and variance of its masked entries.
 
   The variance is the population one (divide by the count), as tf.nn.moments in
-  lm-human-preferences. With `axis_name`, the statistics are those of the global batch:
-  sums and counts are psum-ed over that axis, so the result equals whitening the
-  concatenation of every device's batch.
+  lm-human-preferences. With `global_sum` (inside a pmap: `parallel.psum`), the
+  statistics are those of the global batch: sums and counts are added over the devices,
+  so the result equals whitening the concatenation of every device's batch.
 
   Args:
     values: any shape, e.g. advantages [batch, time].
     mask: same shape, 1 on entries that count.
     shift_mean: if False, the mean is added back (only the scale changes), as for
       rewards in lm-human-preferences.
-    axis_name: the pmap axis to reduce over, or None for this device's batch only.
+    global_sum: adds a scalar over the devices, or None for this device's batch only.
     eps: added to the variance.
 
   Returns:
@@ -276,14 +276,14 @@ def whiten(
   mask = mask.astype(jnp.float32)
   values = jnp.where(mask > 0, values.astype(jnp.float32), 0.0)
 
-  def global_sum(x):
+  def total(x):
     x = jnp.sum(x)
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
+    return x if global_sum is None else global_sum(x)
 
-  count = jnp.maximum(global_sum(mask), 1.0)
-  mean = global_sum(values) / count
+  count = jnp.maximum(total(mask), 1.0)
+  mean = total(values) / count
   # Two passes (mean first, then squared deviations) for float32 accuracy.
-  variance = global_sum(jnp.square(values - mean) * mask) / count
+  variance = total(jnp.square(values - mean) * mask) / count
   whitened = (values - mean) * jax.lax.rsqrt(variance + eps)
   if not shift_mean:
     whitened = whitened + mean

@@ -6,7 +6,9 @@ named sharding touches this file only. Nowhere else spells the axis name.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import functools
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +41,7 @@ def pmap_step(step_fn: Callable, *, donate_state: bool = True,
               devices: Sequence[Any] | None = None) -> Callable:
   """Wraps a pure `step(state, batch, ...)` once for all (or the given) devices."""
   return jax.pmap(
-      step_fn,
+      _traced_in_current_order(step_fn),
       axis_name=BATCH_AXIS,
       donate_argnums=(0,) if donate_state else (),
       static_broadcasted_argnums=tuple(static_broadcasted_argnums),
@@ -48,7 +50,7 @@ def pmap_step(step_fn: Callable, *, donate_state: bool = True,
 
 def pmap_fn(fn: Callable, **kwargs) -> Callable:
   """pmaps a pure function that donates nothing (evaluation, scoring, sampling)."""
-  return jax.pmap(fn, axis_name=BATCH_AXIS, **kwargs)
+  return jax.pmap(_traced_in_current_order(fn), axis_name=BATCH_AXIS, **kwargs)
 
 
 def _leading_axis_sharding(devices: Sequence[Any] | None):
@@ -96,12 +98,59 @@ def device_put_sharded(tree: Any, devices: Sequence[Any] | None = None) -> Any:
   return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
 
 
-def pmean(tree: Any) -> Any:
-  return jax.lax.pmean(tree, axis_name=BATCH_AXIS)
+# Whether `psum` adds the devices' values in device order (see `fixed_reduction_order`).
+# Read when a step is traced, so it must be set before the step is first called.
+_FIXED_ORDER = False
+
+
+def set_fixed_reduction_order(enabled: bool) -> None:
+  """Makes every cross-device sum add the devices' values in device order.
+
+  A psum across processes runs through the CPU/network collectives (gloo on CPU, NCCL,
+  ICI), whose algorithms add the devices' values in an order of their own: measured on
+  2 processes x 2 CPU devices, a psum of 100k float32 values differed from the one-process
+  x 4 result in 27% of its elements, by float32 rounding. With the fixed order each value
+  is gathered (no arithmetic) and summed over the device axis by the same local program
+  on every topology, so a run is bit-identical however its devices are spread over
+  processes. The gather holds one copy per device of what is summed (the gradients
+  included), so it is for checks and small models, not the default.
+  """
+  global _FIXED_ORDER
+  _FIXED_ORDER = bool(enabled)
+
+
+@contextlib.contextmanager
+def fixed_reduction_order(enabled: bool = True) -> Iterator[None]:
+  """`set_fixed_reduction_order` for the steps traced inside the block."""
+  previous = _FIXED_ORDER
+  set_fixed_reduction_order(enabled)
+  try:
+    yield
+  finally:
+    set_fixed_reduction_order(previous)
+
+
+def _traced_in_current_order(fn: Callable) -> Callable:
+  """`fn`, or under the fixed order a new wrapper of it: jax caches a trace per function
+  object, and one traced with the collectives' order must not be reused."""
+  return functools.partial(fn) if _FIXED_ORDER else fn
+
+
+def _ordered_sum(x: jax.Array) -> jax.Array:
+  return jnp.sum(jax.lax.all_gather(x, axis_name=BATCH_AXIS), axis=0).astype(x.dtype)
 
 
 def psum(tree: Any) -> Any:
+  if _FIXED_ORDER:
+    return jax.tree_util.tree_map(_ordered_sum, tree)
   return jax.lax.psum(tree, axis_name=BATCH_AXIS)
+
+
+def pmean(tree: Any) -> Any:
+  if _FIXED_ORDER:
+    count = jax.lax.psum(1, axis_name=BATCH_AXIS)  # the device count: exact in any order
+    return jax.tree_util.tree_map(lambda x: (_ordered_sum(x) / count).astype(x.dtype), tree)
+  return jax.lax.pmean(tree, axis_name=BATCH_AXIS)
 
 
 def pmax(tree: Any) -> Any:
@@ -186,5 +235,6 @@ def _on_cloud_tpu_vm() -> bool:
 __all__ = [
     "BATCH_AXIS", "check_batch_size", "pmap_step", "pmap_fn", "replicate",
     "unreplicate", "shard", "unshard", "device_put_sharded", "pmean", "psum",
-    "masked_mean", "fetch", "device_rng",
+    "masked_mean", "fetch", "device_rng", "set_fixed_reduction_order",
+    "fixed_reduction_order",
 ]

@@ -257,7 +257,7 @@ def score_responses(state: PPOState, prompt_ids, prompt_mask, response_ids,
   rewards = losses.per_token_rewards(logprobs, ref_logprobs, scores, mask, kl_coef)
   advantages, returns = losses.gae(rewards, values, mask, settings.gae_gamma,
                                    settings.gae_lambda)
-  whitened = losses.whiten(advantages, mask, axis_name=parallel.BATCH_AXIS)
+  whitened = losses.whiten(advantages, mask, global_sum=parallel.psum)
   rollout = Rollout(sequences=sequences, attention_mask=attention_mask, response_mask=mask,
                     old_logprobs=logprobs, old_values=values, advantages=whitened,
                     returns=returns, scores=scores)
@@ -657,7 +657,7 @@ def run_iterations(*, rstate: PPOState, iteration_fn: Callable, prompt_iter: Ite
         checkpointer.save(iteration, parallel.unreplicate(rstate),
                           data_state=data_state(prompt_iter, ptx_iter))
       if stop and not is_last:
-        logging.warning("SIGTERM received: saved iteration %d and stopping.", iteration)
+        logging.info("SIGTERM received: saved iteration %d and stopping.", iteration)
         print(f"SIGTERM received: checkpoint saved at iteration {iteration}; exiting.",
               flush=True)
         preempted = True

@@ -233,7 +233,7 @@ def fit(*, state: TrainState, step_fn: Callable, train_iter: Iterator[dict],
         checkpointer.save(step, parallel.unreplicate(rstate),
                           data_state=data_state_fn() if data_state_fn else None)
       if stop and not is_last:
-        logging.warning("SIGTERM received: saved step %d and stopping.", step)
+        logging.info("SIGTERM received: saved step %d and stopping.", step)
         print(f"SIGTERM received: checkpoint saved at step {step}; exiting.", flush=True)
         preempted = True
         break

@@ -1,7 +1,10 @@
 """Run by tests/test_multihost.py as each process of a multi-process job: writes the
-source indices of the first SFT and PPO-prompt batches this process reads."""
+source indices of the first SFT and PPO-prompt batches this process reads, and the psum of
+fixed values over all devices in the collectives' own order and in device order."""
 
 import json
+
+import numpy as np
 
 from absl import flags
 from etils import epath
@@ -11,6 +14,7 @@ from configs import ppo as ppo_config
 from jaxrlhf import data_lib
 from jaxrlhf import launch
 from jaxrlhf import models
+from jaxrlhf import parallel
 
 _BATCHES = flags.DEFINE_integer("probe_batches", 2, "Batches to record per loader.")
 
@@ -27,6 +31,19 @@ def probe(config, workdir):
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   out = epath.Path(workdir) / f"shard_{jax.process_index()}_of_{jax.process_count()}.json"
   out.write_text(json.dumps(seen))
+
+  # The same values on every process, each device holding one row: [devices, n].
+  rng = np.random.default_rng(0)
+  n = 4096
+  values = (rng.normal(size=(jax.device_count(), n))
+            * 10.0 ** rng.integers(-3, 4, size=(jax.device_count(), n))).astype(np.float32)
+  first = jax.process_index() * jax.local_device_count()
+  local = parallel.device_put_sharded(values[first:first + jax.local_device_count()])
+  collective = parallel.pmap_fn(parallel.psum)(local)
+  with parallel.fixed_reduction_order():
+    fixed = parallel.pmap_fn(parallel.psum)(local)  # a trace of its own, in device order
+  np.savez(epath.Path(workdir) / f"sums_{jax.process_index()}_of_{jax.process_count()}.npz",
+           values=values, collective=parallel.fetch(collective), fixed=parallel.fetch(fixed))
 
 
 if __name__ == "__main__":

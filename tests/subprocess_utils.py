@@ -17,14 +17,17 @@ CHILD_TIMEOUT_S = 300
 
 
 def child_env(num_devices: int, cache_dir: str | os.PathLike) -> dict[str, str]:
-  """The environment of a child jax process with `num_devices` CPU devices."""
+  """The environment of a child jax process with `num_devices` CPU devices.
+
+  Its compilation cache is the test session's (tests/conftest.py), else `cache_dir`.
+  """
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
   env.update({
       "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
       "JAX_PLATFORMS": "cpu",
       "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as tests/conftest.py does in-process
-      "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+      "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir),
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
       "TOKENIZERS_PARALLELISM": "false",

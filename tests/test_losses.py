@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf import losses
+from jaxrlhf import parallel
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -290,10 +291,8 @@ def test_whiten_across_devices_equals_global_batch():
   x = x.astype(np.float32)
   lengths = rng.integers(1, per_device[1] + 1, size=(num_devices, per_device[0]))
   mask = (np.arange(per_device[1]) < lengths[..., None]).astype(np.float32)
-  whiten_all = jax.pmap(
-      functools.partial(losses.whiten, shift_mean=True, axis_name="devices"),
-      axis_name="devices",
-  )
+  whiten_all = parallel.pmap_fn(
+      functools.partial(losses.whiten, shift_mean=True, global_sum=parallel.psum))
   got = np.asarray(whiten_all(x, mask)).reshape(-1, per_device[1])
   expected = _whiten_reference(
       x.reshape(-1, per_device[1]), mask.reshape(-1, per_device[1]), shift_mean=True

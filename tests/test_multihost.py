@@ -17,15 +17,17 @@ from configs import reward_model as rm_config
 from configs import sft as sft_config
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
+from jaxrlhf import parallel
 from jaxrlhf import ppo
 from jaxrlhf import reward_model
 from jaxrlhf import sft
 from tests import subprocess_utils as sp
 
-# Largest |difference| allowed between the two topologies: the psums add the same
-# numbers in a different tree, so the results agree to float32 rounding, not bits.
-LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-5
+# Both topologies run with parallel.fixed_reduction_order: every cross-device sum adds the
+# four devices' values in device order, so 2 x 2 must equal 1 x 4 to the bit. (With the
+# collectives' own order the two drift apart by float32 rounding: a 200-step SFT run's
+# loss differed by a relative 1.3e-5 at step 121, which a 1e-5 tolerance once failed.)
+FIXED_ORDER_FLAG = "--fixed_reduction_order"
 
 
 SFT_STEPS = 200
@@ -57,21 +59,23 @@ def runs(tmp_path_factory):
   world = str(root / "world")
   cache = root / "jax_cache"
 
-  def multi(module, config_file, overrides, workdir, **kw):
+  def multi(module, config_file, overrides, workdir, flags=(FIXED_ORDER_FLAG,), **kw):
     return sp.Processes(
-        module, sp.config_flags(config_file, overrides) + [f"--workdir={workdir}"],
+        module, sp.config_flags(config_file, overrides) + [f"--workdir={workdir}", *flags],
         num_processes=2, devices_per_process=2, cache_dir=cache, log_dir=root / "logs", **kw)
 
   out = {"root": root, "outputs": {}}
   # One process x 4 devices runs in this process (tests/conftest.py forces 4 devices);
   # its SFT run also writes the world both topologies read.
-  sft.train_and_evaluate(sp.apply_overrides(sft_config.get_config("test"), _sft(world)),
-                         str(root / "one" / "sft"))
+  with parallel.fixed_reduction_order():
+    sft.train_and_evaluate(sp.apply_overrides(sft_config.get_config("test"), _sft(world)),
+                           str(root / "one" / "sft"))
   out["outputs"]["sft"] = multi("experiments.sft", "configs/sft.py:test", _sft(world),
                                 root / "two" / "sft").wait()
+  # The probe runs with the collectives' own order, to measure it against the fixed one.
   out["outputs"]["probe"] = multi("tests.shard_probe", "configs/sft.py:test",
                                   {"data.world_dir": world}, root / "two" / "probe",
-                                  use_env_vars=True).wait()
+                                  flags=(), use_env_vars=True).wait()
 
   # SIGTERM to process 1 alone, once process 0 has logged a few steps: both must stop
   # at one agreed step, save, exit 0; the restart then finishes the run.
@@ -95,15 +99,17 @@ def runs(tmp_path_factory):
   rankings = root / "two" / "rm" / "rankings"
   rm_one = _rm(world, policy) | {"data.train_file": str(rankings / "train.jsonl"),
                                  "data.valid_file": str(rankings / "validation.jsonl")}
-  reward_model.train_and_evaluate(
-      sp.apply_overrides(rm_config.get_config("test"), rm_one), str(root / "one" / "rm"))
+  with parallel.fixed_reduction_order():
+    reward_model.train_and_evaluate(
+        sp.apply_overrides(rm_config.get_config("test"), rm_one), str(root / "one" / "rm"))
 
   reward = str(root / "two" / "rm" / "hf")
   ppo_overrides = _ppo(world, policy, reward)
   out["outputs"]["ppo"] = multi("experiments.ppo", "configs/ppo.py:test", ppo_overrides,
                                 root / "two" / "ppo").wait()
-  ppo.train_and_evaluate(sp.apply_overrides(ppo_config.get_config("test"), ppo_overrides),
-                         str(root / "one" / "ppo"))
+  with parallel.fixed_reduction_order():
+    ppo.train_and_evaluate(sp.apply_overrides(ppo_config.get_config("test"), ppo_overrides),
+                           str(root / "one" / "ppo"))
   return out
 
 
@@ -128,14 +134,29 @@ def test_two_processes_match_one_process(runs, stage):
               if STAGES[stage][0] in r]
   assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] != []
   for name in STAGES[stage]:
-    np.testing.assert_allclose([r[name] for r in rows_two], [r[name] for r in rows_one],
-                               rtol=LOSS_RTOL, atol=1e-6, err_msg=f"{stage} {name}")
+    np.testing.assert_array_equal([r[name] for r in rows_two], [r[name] for r in rows_one],
+                                  err_msg=f"{stage} {name}")
   exports = ("hf", "hf_ema") if stage == "ppo" else ("hf",)
   for export in exports:
     diff = _max_param_difference(runs["root"] / "one" / stage / export,
                                  runs["root"] / "two" / stage / export)
-    print(f"{stage}/{export}: largest parameter difference 2x2 vs 1x4 = {diff:.3g}")
-    assert diff <= PARAM_ATOL, (stage, export, diff)
+    assert diff == 0.0, (stage, export, diff)
+
+
+def test_collectives_own_order_differs_only_by_rounding(runs):
+  # What the fixed order buys: across processes the collectives' psum adds in an order of
+  # its own. Each process wrote both sums of the same values (tests/shard_probe.py).
+  for process in range(2):
+    sums = np.load(runs["root"] / "two" / "probe" / f"sums_{process}_of_2.npz")
+    values = sums["values"]  # [4 devices, n]
+    in_device_order = ((values[0] + values[1]) + values[2]) + values[3]
+    np.testing.assert_array_equal(sums["fixed"], in_device_order)
+    # Rounding only: 3 additions, each off by at most half an ulp of a partial sum
+    # (at most 4x the largest value), in each of the two orders.
+    bound = 3 * np.spacing(4 * np.max(np.abs(values), axis=0))
+    assert (np.abs(sums["collective"] - in_device_order) <= bound).all()
+    print(f"collectives' own order: {np.mean(sums['collective'] != in_device_order):.0%} "
+          f"of {values.shape[1]} sums differ from the device-order sum")
 
 
 def test_each_process_reads_a_disjoint_shard(runs):
@@ -159,6 +180,12 @@ def test_only_process_zero_writes_logs(runs):
     process_zero, process_one = runs["outputs"][stage]
     assert f"{'reward_model' if stage == 'rm' else stage}:" in process_zero
     assert "%|" not in process_one, stage  # no progress bar on process 1
+    # A quiet console: library INFO lines (orbax's among them) go to each process's log
+    # file in the workdir, not to the console.
+    for output in (process_zero, process_one):
+      assert not re.search(r"^I\d{4} ", output, re.MULTILINE), (stage, output[-2000:])
+    for name in ("log.txt", "log.process1.txt"):
+      assert "CheckpointManager" in (workdir / name).read_text(), (stage, name)
 
 
 def test_tpu_vm_pod_workers_join_without_flags(monkeypatch):
