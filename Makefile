@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# Extra flags for the demo, e.g. DEMO_FLAGS=--cpu_isa=AVX2 (see README, Tests).
+DEMO_FLAGS ?=
 
 .PHONY: demo test install clean
 
@@ -19,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/python -m experiments.instructgpt --config=configs/instructgpt.py:tiny --workdir=$(DEMO_DIR)
+	$(VENV)/bin/python -m experiments.instructgpt --config=configs/instructgpt.py:tiny --workdir=$(DEMO_DIR) $(DEMO_FLAGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q -ra

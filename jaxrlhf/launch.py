@@ -12,6 +12,7 @@ explicit `--verbosity`) shows it on the console too.
 from __future__ import annotations
 
 import logging as python_logging
+from logging import handlers as logging_handlers
 import os
 import tempfile
 from typing import Callable
@@ -31,6 +32,12 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Processes in a multi-process run (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index (or JAX_PROCESS_ID).")
+_CPU_ISA = flags.DEFINE_enum(
+    "cpu_isa", None, ["SSE4_2", "AVX", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX"],
+    "Newest x86 instruction set XLA:CPU may generate code for (--xla_cpu_max_isa). XLA "
+    "otherwise targets the host's own, and float32 results then differ between hosts with "
+    "different instruction sets; AVX2 makes the CPU hosts this project runs on generate "
+    "the same code (docs in README, Tests).")
 _FIXED_REDUCTION_ORDER = flags.DEFINE_bool(
     "fixed_reduction_order", False,
     "Sum over devices in device order, so a run is bit-identical however its devices are "
@@ -48,17 +55,30 @@ def log_file_path(workdir: str | None) -> str:
   return os.path.join(tempfile.gettempdir(), "jaxrlhf_logs", name)
 
 
-def route_logs(workdir: str | None) -> str:
-  """INFO and up to the log file; WARNING and up to the console unless asked for more."""
+def quiet_console() -> logging_handlers.MemoryHandler:
+  """WARNING and up on the console unless asked for more; INFO held until the log file
+  is known (it is named by the process index, which distributed init decides)."""
+  if not (flags.FLAGS["verbosity"].present or flags.FLAGS["alsologtostderr"].value
+          or flags.FLAGS["logtostderr"].value):
+    logging.get_absl_handler().setLevel(python_logging.WARNING)
+  held = logging_handlers.MemoryHandler(capacity=1 << 20,
+                                        flushLevel=python_logging.CRITICAL + 1)
+  python_logging.getLogger().addHandler(held)
+  return held
+
+
+def route_logs(workdir: str | None, held: logging_handlers.MemoryHandler) -> str:
+  """Sends the INFO log (what `held` kept so far, then everything) to the log file."""
   path = log_file_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   handler = python_logging.FileHandler(path, mode="a", encoding="utf-8")
   handler.setFormatter(logging.PythonFormatter())
-  handler.setLevel(python_logging.DEBUG)
-  python_logging.getLogger().addHandler(handler)
-  if not (flags.FLAGS["verbosity"].present or flags.FLAGS["alsologtostderr"].value
-          or flags.FLAGS["logtostderr"].value):
-    logging.get_absl_handler().setLevel(python_logging.WARNING)
+  root = python_logging.getLogger()
+  root.addHandler(handler)
+  held.setTarget(handler)
+  held.flush()
+  root.removeHandler(held)
+  held.close()
   logging.info("log of this run: %s", path)
   return path
 
@@ -69,11 +89,15 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    held = quiet_console()
+    if _CPU_ISA.value:  # read when the CPU backend starts, which nothing has asked for yet
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                 + f" --xla_cpu_max_isa={_CPU_ISA.value}").strip()
     from jaxrlhf import parallel  # imports jax only after absl parsed the flags
     parallel.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     parallel.set_fixed_reduction_order(_FIXED_REDUCTION_ORDER.value)
-    route_logs(_WORKDIR.value)
+    route_logs(_WORKDIR.value, held)
     if needs_workdir and not _WORKDIR.value:
       raise app.UsageError("--workdir is required.")
     if _WORKDIR.value:  # reruns and resumes read compiled steps back from the workdir

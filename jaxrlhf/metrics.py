@@ -11,6 +11,7 @@ import math
 import time
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 from etils import epath
@@ -83,6 +84,23 @@ def read_jsonl_scalars(workdir: str | epath.Path) -> list[dict]:
     if "texts" not in row:
       rows.append(row)
   return rows
+
+
+def console(message: str) -> None:
+  """A line for the console on process 0 (stage headers, results), kept in the log too.
+
+  Library INFO logs go to the log file only (jaxrlhf/launch.py), so what a user should
+  see as a run goes comes through here or a progress bar.
+  """
+  logging.info("%s", message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def format_figures(figures: Mapping[str, Any]) -> str:
+  """'name 1.234, other 0.5' for the figures that are numbers (missing ones are left out)."""
+  return ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
+                   if isinstance(value, (int, float, np.floating)))
 
 
 class Progress:

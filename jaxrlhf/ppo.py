@@ -831,10 +831,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       reward_params=reward_params, policy_tx=policy_tx, value_tx=value_tx,
       init_kl_coef=config.kl.init_coef, seed=config.seed,
       reward_gain=config.reward.gain, reward_bias=config.reward.bias)
-  logging.info("ppo: policy %d params, value %d params; %d iterations of %d episodes, "
-               "%d updates each", train_lib.count_params(sft_params),
-               train_lib.count_params(reward_params), config.num_iterations,
-               config.batch_size, updates)
+  metrics_lib.console(
+      f"{config.get('stage', 'ppo')}: policy {train_lib.count_params(sft_params)} params, "
+      f"value {train_lib.count_params(reward_params)} params; {config.num_iterations} "
+      f"iterations of {config.batch_size} episodes, {updates} updates each")
   del sft_params, reward_params
 
   checkpointer = checkpoint_lib.Checkpointer(
@@ -928,6 +928,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       models.save_pretrained(policy_model, params, str(workdir / name))
       tokenizer.save_pretrained(str(workdir / name))
     checkpoint_lib.save_json(workdir / "summary.json", summary)
+  figures = {"score": summary["final_score"], "KL": summary["final_kl"]}
+  metrics_lib.console(
+      f"{config.get('stage', 'ppo')}: {metrics_lib.format_figures(figures)}; policy in "
+      f"{workdir / 'hf'} (EMA {workdir / 'hf_ema'}), summary in {workdir / 'summary.json'}")
   parallel.sync_global_devices("ppo_export")
   writer.close()
   return summary

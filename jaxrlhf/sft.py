@@ -11,7 +11,6 @@ import functools
 import math
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +21,7 @@ from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import data_lib
 from jaxrlhf import losses
 from jaxrlhf import model_lib
+from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
@@ -97,9 +97,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model, params = model_lib.load_or_init("lm", config, tokenizer, seq_len=seq_len)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
   state = train_lib.create_train_state(model.apply, params, tx, config.seed)
-  logging.info("%s: %d parameters, %d steps of %d sequences (%d per device)",
-               config.stage, train_lib.count_params(params), num_steps, config.batch_size,
-               per_device)
+  metrics_lib.console(
+      f"{config.stage}: {train_lib.count_params(params)} parameters, {num_steps} steps of "
+      f"{config.batch_size} sequences ({per_device} per device)")
 
   state, start_step, checkpointer, writer = train_lib.start_run(
       config, workdir, state, data.train_iter, config.stage)
@@ -156,6 +156,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     models.save_pretrained(model, result.state.params, str(export_dir))
     tokenizer.save_pretrained(str(export_dir))
     checkpoint_lib.save_json(workdir / "summary.json", summary)
+  figures = {"train loss": summary["train_loss"],
+             "validation loss": (summary["final_eval"] or {}).get("eval_loss")}
+  metrics_lib.console(
+      f"{config.stage}: {result.step} steps, {metrics_lib.format_figures(figures)}; "
+      f"model in {export_dir}, summary in {workdir / 'summary.json'}")
   parallel.sync_global_devices("sft_export")
   writer.close()
   return summary

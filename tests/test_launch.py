@@ -1,0 +1,47 @@
+"""jaxrlhf/launch.py, as the experiment scripts run it: a quiet console with the INFO log
+in the workdir, and the XLA:CPU instruction-set cap."""
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests import subprocess_utils as sp
+
+
+def _run(workdir, *flags):
+  workdir.mkdir()
+  result = subprocess.run(
+      sp.python_command("tests.launch_probe", ["--config=configs/sft.py:test",
+                                               f"--workdir={workdir}", *flags]),
+      cwd=sp.REPO, env=sp.child_env(1, workdir / "cache"), capture_output=True, text=True,
+      timeout=sp.CHILD_TIMEOUT_S)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout + result.stderr, np.load(workdir / "probe.npy")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("launch")
+  return {"default": _run(root / "default"), "verbose": _run(root / "verbose", "--alsologtostderr"),
+          "sse": _run(root / "sse", "--cpu_isa=SSE4_2"), "root": root}
+
+
+def test_info_goes_to_the_log_file_and_warnings_to_the_console(runs):
+  console, _ = runs["default"]
+  assert "probe: a WARNING line" in console
+  assert "probe: an INFO line" not in console and "config:" not in console
+  log = (runs["root"] / "default" / "log.txt").read_text()
+  assert "probe: an INFO line" in log and "probe: a WARNING line" in log
+  assert "config:" in log  # the launcher's own INFO record of the config
+  verbose, _ = runs["verbose"]
+  assert "probe: an INFO line" in verbose  # --alsologtostderr shows INFO again
+  assert "probe: an INFO line" in (runs["root"] / "verbose" / "log.txt").read_text()
+
+
+def test_cpu_isa_reaches_xla(runs):
+  # Without FMA (SSE4.2) a * b + c rounds twice; every host here has FMA (AVX2).
+  _, default = runs["default"]
+  _, sse = runs["sse"]
+  assert not np.array_equal(default, sse)
+  np.testing.assert_allclose(default, sse, rtol=1e-5, atol=1e-6)  # rounding only
