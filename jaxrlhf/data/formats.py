@@ -300,6 +300,12 @@ def _decode_json_line(raw: bytes, source: Source) -> Any:
       field = _field_with_bad_bytes(json.loads(lenient), "") or "<line>"
     except json.JSONDecodeError:
       field = "<line>"
+    # A field name may hold the bad bytes itself: show them escaped (\xd2), since a
+    # message with lone surrogates cannot be printed or written as UTF-8.
+    try:
+      field = field.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate JSON escape ("\ud800") in the name as well
+      field = field.encode("utf-8", "backslashreplace").decode("utf-8")
     raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source=source,
                     field=field, reason="not_utf8") from None
   try:

@@ -184,6 +184,13 @@ def test_non_utf8_plain_text(write_lines):
     data.read_examples("text", path)
 
 
+def test_bad_bytes_in_a_field_name_give_a_printable_message(write_lines):
+  path = write_lines([{"prompt": "p"}, b'{"prompt": "p", "n\xd2me": 1}'])
+  with pytest.raises(data.DataError, match=re.escape("field 'n\\xd2me'")) as error:
+    data.read_examples("prompts", path)
+  str(error.value).encode("utf-8")  # lone surrogates would raise UnicodeEncodeError
+
+
 def test_ranks_reject_booleans_and_negatives():
   source = data.Source("f", 1)
   with pytest.raises(data.DataError, match="ranks\\[0\\]"):
