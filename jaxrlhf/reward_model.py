@@ -25,6 +25,7 @@ from jaxrlhf import data as data_pkg
 from jaxrlhf import data_lib
 from jaxrlhf import losses
 from jaxrlhf import model_lib
+from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
@@ -158,6 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model, params = model_lib.load_or_init("scalar", config, tokenizer, seq_len=data.seq_len)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
   state = train_lib.create_train_state(model.apply, params, tx, config.seed)
+  metrics_lib.console(
+      f"reward_model: {train_lib.count_params(params)} parameters, {num_steps} steps of "
+      f"{config.batch_size} ranked prompts")
   state, start_step, checkpointer, writer = train_lib.start_run(
       config, workdir, state, data.train_iter, "reward model")
 
@@ -221,6 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer.save_pretrained(str(export_dir))
     checkpoint_lib.save_json(export_dir / "reward_normalization.json", normalization)
     checkpoint_lib.save_json(workdir / "summary.json", summary)
+  figures = {"train loss": summary["train_loss"],
+             "held-out pairwise accuracy": final_eval.get("eval_accuracy")}
+  metrics_lib.console(
+      f"reward_model: {result.step} steps, {metrics_lib.format_figures(figures)}; model in "
+      f"{workdir / 'hf'}, summary in {workdir / 'summary.json'}")
   parallel.sync_global_devices("rm_export")
   writer.close()
   return summary

@@ -45,4 +45,3 @@ def chain(tmp_path_factory):
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.devices()}"
-
