@@ -35,9 +35,9 @@ _PROCESS_ID = flags.DEFINE_integer(
 _CPU_ISA = flags.DEFINE_enum(
     "cpu_isa", None, ["SSE4_2", "AVX", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX"],
     "Newest x86 instruction set XLA:CPU may generate code for (--xla_cpu_max_isa). XLA "
-    "otherwise targets the host's own, and float32 results then differ between hosts with "
-    "different instruction sets; AVX2 makes the CPU hosts this project runs on generate "
-    "the same code (docs in README, Tests).")
+    "otherwise targets the host's own, and float32 results follow it (a fused "
+    "multiply-add rounds once). AVX2 holds an AVX-512 host to the instructions an AVX2 "
+    "host uses; see README, Tests, for what was measured.")
 _FIXED_REDUCTION_ORDER = flags.DEFINE_bool(
     "fixed_reduction_order", False,
     "Sum over devices in device order, so a run is bit-identical however its devices are "
