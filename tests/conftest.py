@@ -8,9 +8,21 @@ import os
 import shutil
 import tempfile
 
+# XLA:CPU's backend (LLVM) optimisation level for the whole suite, child processes
+# included (tests/subprocess_utils.py): compilation is most of the suite's cost, and at
+# level 0 the same HLO compiles faster (tests/models/test_transformer.py and
+# tests/test_sampling.py: 80 s at the default level, 55 s at 0, on one host in one
+# sitting). Set XLA_FLAGS=--xla_backend_optimization_level=N to test another level.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0"
+                  if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+                  else "")
+os.environ["JAXRLHF_TEST_XLA_FLAGS"] = " ".join(
+    f for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")) + " " + TEST_XLA_FLAGS
+
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    os.environ["JAXRLHF_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A fresh cache per session, removed at its end: the suite's cost is that of a cold start.

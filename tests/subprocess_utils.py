@@ -16,15 +16,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 300
 
 
-def child_env(num_devices: int, cache_dir: str | os.PathLike) -> dict[str, str]:
+def child_env(num_devices: int, cache_dir: str | os.PathLike, *,
+              session_xla_flags: bool = True) -> dict[str, str]:
   """The environment of a child jax process with `num_devices` CPU devices.
 
-  Its compilation cache is the test session's (tests/conftest.py), else `cache_dir`.
+  Its compilation cache is the test session's (tests/conftest.py), else `cache_dir`. It
+  compiles with the session's XLA flags (tests/conftest.py), or with XLA's defaults, as a
+  user's run does, when `session_xla_flags` is False.
   """
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
   env.update({
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+      # The test session's own flags (tests/conftest.py), with this child's device count.
+      "XLA_FLAGS": ((os.environ.get("JAXRLHF_TEST_XLA_FLAGS", "") if session_xla_flags else "")
+                    + f" --xla_force_host_platform_device_count={num_devices}").strip(),
       "JAX_PLATFORMS": "cpu",
       "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as tests/conftest.py does in-process
       "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir),

@@ -14,7 +14,10 @@ def _run(workdir, *flags):
   result = subprocess.run(
       sp.python_command("tests.launch_probe", ["--config=configs/sft.py:test",
                                                f"--workdir={workdir}", *flags]),
-      cwd=sp.REPO, env=sp.child_env(1, workdir / "cache"), capture_output=True, text=True,
+      # XLA's default optimisation level, as a user's run: at the suite's level 0
+      # (tests/conftest.py) XLA:CPU emits no fused multiply-add on any instruction set.
+      cwd=sp.REPO, env=sp.child_env(1, workdir / "cache", session_xla_flags=False),
+      capture_output=True, text=True,
       timeout=sp.CHILD_TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stdout + result.stderr, np.load(workdir / "probe.npy")
