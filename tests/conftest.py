@@ -41,18 +41,66 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-@pytest.fixture(scope="session")
-def chain(tmp_path_factory):
+from tests import background  # noqa: E402
+from tests import subprocess_utils as sp  # noqa: E402
+
+
+@background.job("chain")
+def _run_chain(root):
   """The whole pipeline (pretrain, SFT, RM, PPO, PPO-ptx, evaluate) on the CI-sized world,
-  run once per session and shared by every module that needs trained checkpoints."""
+  through the experiment script, as a user runs it."""
+  import json
+  import subprocess
+  log = root / "instructgpt.log"
+  with open(log, "w") as out:
+    proc = sp.popen(
+        sp.python_command("experiments.instructgpt", ["--config=configs/instructgpt.py:test",
+                                                      f"--workdir={root}"]),
+        cwd=sp.REPO, env=sp.child_env(4, root / "jax_cache"), stdout=out,
+        stderr=subprocess.STDOUT)
+    try:
+      proc.wait(timeout=sp.CHILD_TIMEOUT_S * 3)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  if proc.returncode != 0:
+    raise AssertionError(f"the pipeline exited {proc.returncode}:\n"
+                         + log.read_text()[-6000:])
+  return root, json.loads((root / "pipeline_summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def chain():
+  """The session's pipeline run (`_run_chain`), shared by every module that needs trained
+  checkpoints: its root, the world, and each stage's summary."""
   from configs import instructgpt as instructgpt_config
-  from jaxrlhf import instructgpt
-  root = tmp_path_factory.mktemp("chain")
+  root, summaries = background.result("chain")
   config = instructgpt_config.get_config("test")
-  summaries = instructgpt.train_and_evaluate(config, str(root))
   return {"root": root, "world_dir": str(root / "world"), **summaries,
           "rm": summaries["reward_model"], "config": config,
           "rm_config": config.reward_model}
+
+
+def _background_jobs(item) -> list[str]:
+  # A job is named after the fixture that waits for it.
+  return [name for name in background.registered() if name in getattr(item, "fixturenames", ())]
+
+
+def pytest_collection_modifyitems(session, config, items):
+  # Tests that wait on a background job go last, in the order the jobs run: the
+  # in-process tests run first, beside the jobs.
+  order = {name: i + 1 for i, name in enumerate(background.registered())}
+  items.sort(key=lambda item: max((order[j] for j in _background_jobs(item)), default=0))
+
+
+def pytest_collection_finish(session):
+  if session.config.option.collectonly:
+    return
+  needed = {j for item in session.items for j in _background_jobs(item)}
+  factory = session.config._tmp_path_factory  # pylint: disable=protected-access
+  background.start([n for n in background.registered() if n in needed],
+                   factory.mktemp)
 
 
 def pytest_report_header(config):

@@ -3,6 +3,7 @@ compilation cache, several processes joined by jax.distributed on 127.0.0.1."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
 import signal
@@ -43,6 +44,24 @@ def child_env(num_devices: int, cache_dir: str | os.PathLike, *,
   return env
 
 
+_LIVE: set[subprocess.Popen] = set()
+
+
+def popen(command: list[str], **kwargs) -> subprocess.Popen:
+  """`subprocess.Popen` for a test's child, SIGKILLed if still running when the test
+  session exits (a background job's children, tests/background.py, included)."""
+  proc = subprocess.Popen(command, **kwargs)
+  _LIVE.add(proc)
+  return proc
+
+
+@atexit.register
+def _kill_live_children():
+  for proc in _LIVE:
+    if proc.poll() is None:
+      proc.kill()
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -81,7 +100,9 @@ class Processes:
     for process_id in range(num_processes):
       env = child_env(devices_per_process, cache_dir)
       extra = []
-      if use_env_vars:
+      if num_processes == 1:
+        pass  # A plain single-process run, no jax.distributed.
+      elif use_env_vars:
         env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                     "JAX_NUM_PROCESSES": str(num_processes),
                     "JAX_PROCESS_ID": str(process_id)})
@@ -90,8 +111,8 @@ class Processes:
                  f"--num_processes={num_processes}", f"--process_id={process_id}"]
       log = open(log_dir / f"{module}.{process_id}.{port}.log", "w+")
       self.logs.append(log)
-      self.procs.append(subprocess.Popen(python_command(module, args + extra), cwd=REPO,
-                                         env=env, stdout=log, stderr=subprocess.STDOUT))
+      self.procs.append(popen(python_command(module, args + extra), cwd=REPO,
+                              env=env, stdout=log, stderr=subprocess.STDOUT))
 
   def wait(self) -> list[str]:
     """Each process's combined output; raises if any process failed."""

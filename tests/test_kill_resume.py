@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxrlhf import models
+from tests import background
 from tests import subprocess_utils as sp
 
 SEED = 20260  # of the kill points; printed with each trial
@@ -49,9 +50,7 @@ STAGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("kill")
+def _setup(root):
   world = root / "world"
   from jaxrlhf.data.world import world as world_lib  # pylint: disable=g-import-not-at-top
   from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
@@ -87,9 +86,8 @@ class Child:
     self.workdir = workdir
     self._old_rows = len(self._rows())  # what earlier runs in this workdir logged
     self.log = open(workdir.parent / f"{workdir.name}.{len(TRIALS)}.log", "w+")
-    self.proc = subprocess.Popen(sp.python_command("tests.kill_hooks", [module] + args),
-                                 cwd=sp.REPO, env=env, stdout=self.log,
-                                 stderr=subprocess.STDOUT)
+    self.proc = sp.popen(sp.python_command("tests.kill_hooks", [module] + args),
+                         cwd=sp.REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
   def _rows(self) -> list[str]:
     path = self.workdir / "metrics.jsonl"
@@ -143,8 +141,8 @@ def _damage(checkpoint_dir):
       f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_killed_anywhere_and_resumed_is_bit_identical(setup, stage):
+def _trials(setup, stage):
+  """Runs the stage straight and through the kills; returns the two workdirs."""
   rng = random.Random(f"{SEED}-{stage}")
   _, _, _, steps, every, _ = STAGES[stage]
   base = setup["root"] / stage
@@ -203,6 +201,35 @@ def test_killed_anywhere_and_resumed_is_bit_identical(setup, stage):
     assert (killed / "checkpoints.damaged" / str(damaged)).exists()
     TRIALS.append((stage, "damaged newest checkpoint", damaged, None))
 
+  return straight, killed
+
+
+@background.job("kill_resume_trials")
+def _all_trials(root):
+  """Every stage's trials, one stage after another; a stage's failure is its test's."""
+  setup = _setup(root)
+  out = {}
+  for stage in STAGES:
+    try:
+      out[stage] = {"dirs": _trials(setup, stage)}
+    except Exception as e:  # pylint: disable=broad-except
+      out[stage] = {"error": e}
+  return out
+
+
+@pytest.fixture(scope="module")
+def kill_resume_trials():
+  return background.result("kill_resume_trials")
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_killed_anywhere_and_resumed_is_bit_identical(kill_resume_trials, stage):
+  trials = kill_resume_trials
+  if "error" in trials[stage]:
+    raise trials[stage]["error"]
+  _, _, _, steps, _, _ = STAGES[stage]
+  straight, killed = trials[stage]["dirs"]
+  checkpoints = killed / "checkpoints"
   # Bit-identical: every checkpoint both runs hold (state, optimizer, step, PRNG,
   # KL controller, EMA), and the exported model(s).
   assert not list(checkpoints.glob("*orbax-checkpoint-tmp*"))  # the partial save is gone

@@ -1,7 +1,8 @@
 """Two processes x 2 CPU devices (jax.distributed, gloo, coordinator on 127.0.0.1) compute
 what one process x 4 devices computes: SFT, reward model and PPO through the experiment
 scripts, with the same losses and final parameters, disjoint data shards, and logs
-written by process 0 alone."""
+written by process 0 alone. Every run is a child process, in the background from the
+start of the session (tests/background.py)."""
 
 import json
 import re
@@ -12,15 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ppo as ppo_config
-from configs import reward_model as rm_config
-from configs import sft as sft_config
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
-from jaxrlhf import parallel
-from jaxrlhf import ppo
-from jaxrlhf import reward_model
-from jaxrlhf import sft
+from tests import background
 from tests import subprocess_utils as sp
 
 # Both topologies run with parallel.fixed_reduction_order: every cross-device sum adds the
@@ -53,64 +48,67 @@ def _ppo(world, policy, reward):
           "ptx.eval_nll": False}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multihost")
+@background.job("multihost_runs")
+def _runs(root):
   world = str(root / "world")
   cache = root / "jax_cache"
 
-  def multi(module, config_file, overrides, workdir, flags=(FIXED_ORDER_FLAG,), **kw):
+  def job(module, config_file, overrides, workdir, flags=(FIXED_ORDER_FLAG,),
+          num_processes=2, **kw):
     return sp.Processes(
         module, sp.config_flags(config_file, overrides) + [f"--workdir={workdir}", *flags],
-        num_processes=2, devices_per_process=2, cache_dir=cache, log_dir=root / "logs", **kw)
+        num_processes=num_processes, devices_per_process=4 // num_processes,
+        cache_dir=cache, log_dir=root / "logs", **kw)
+
+  def one(module, config_file, overrides, workdir):
+    return job(module, config_file, overrides, workdir, num_processes=1).wait()
 
   out = {"root": root, "outputs": {}}
-  # One process x 4 devices runs in this process (tests/conftest.py forces 4 devices);
-  # its SFT run also writes the world both topologies read.
-  with parallel.fixed_reduction_order():
-    sft.train_and_evaluate(sp.apply_overrides(sft_config.get_config("test"), _sft(world)),
-                           str(root / "one" / "sft"))
-  out["outputs"]["sft"] = multi("experiments.sft", "configs/sft.py:test", _sft(world),
-                                root / "two" / "sft").wait()
+  # One process x 4 devices; its SFT run also writes the world both topologies read.
+  one("experiments.sft", "configs/sft.py:test", _sft(world), root / "one" / "sft")
+  out["outputs"]["sft"] = job("experiments.sft", "configs/sft.py:test", _sft(world),
+                              root / "two" / "sft").wait()
   # The probe runs with the collectives' own order, to measure it against the fixed one.
-  out["outputs"]["probe"] = multi("tests.shard_probe", "configs/sft.py:test",
-                                  {"data.world_dir": world}, root / "two" / "probe",
-                                  flags=(), use_env_vars=True).wait()
+  out["outputs"]["probe"] = job("tests.shard_probe", "configs/sft.py:test",
+                                {"data.world_dir": world}, root / "two" / "probe",
+                                flags=(), use_env_vars=True).wait()
 
   # SIGTERM to process 1 alone, once process 0 has logged a few steps: both must stop
   # at one agreed step, save, exit 0; the restart then finishes the run.
   preempted = root / "two" / "sft_preempted"
-  job = multi("experiments.sft", "configs/sft.py:test", _sft(world), preempted)
+  running = job("experiments.sft", "configs/sft.py:test", _sft(world), preempted)
   metrics_file = preempted / "metrics.jsonl"
-  while job.procs[0].poll() is None and not (
+  while running.procs[0].poll() is None and not (
       metrics_file.exists() and '"step": 3,' in metrics_file.read_text()):
     time.sleep(0.005)  # a polling interval on the child's own progress report
-  job.procs[1].send_signal(signal.SIGTERM)
-  out["outputs"]["sft_preempted"] = job.wait()
-  out["outputs"]["sft_resumed"] = multi("experiments.sft", "configs/sft.py:test",
-                                        _sft(world), preempted).wait()
+  running.procs[1].send_signal(signal.SIGTERM)
+  out["outputs"]["sft_preempted"] = running.wait()
+  out["outputs"]["sft_resumed"] = job("experiments.sft", "configs/sft.py:test",
+                                      _sft(world), preempted).wait()
 
   # The reward model starts from the two-process SFT export in both topologies. The
   # two-process run samples the world's rankings (on process 0); the one-process run
   # trains on those very files.
   policy = str(root / "two" / "sft" / "hf")
-  out["outputs"]["rm"] = multi("experiments.reward_model", "configs/reward_model.py:test",
-                               _rm(world, policy), root / "two" / "rm").wait()
+  out["outputs"]["rm"] = job("experiments.reward_model", "configs/reward_model.py:test",
+                             _rm(world, policy), root / "two" / "rm").wait()
   rankings = root / "two" / "rm" / "rankings"
-  rm_one = _rm(world, policy) | {"data.train_file": str(rankings / "train.jsonl"),
-                                 "data.valid_file": str(rankings / "validation.jsonl")}
-  with parallel.fixed_reduction_order():
-    reward_model.train_and_evaluate(
-        sp.apply_overrides(rm_config.get_config("test"), rm_one), str(root / "one" / "rm"))
+  one("experiments.reward_model", "configs/reward_model.py:test",
+      _rm(world, policy) | {"data.train_file": str(rankings / "train.jsonl"),
+                            "data.valid_file": str(rankings / "validation.jsonl")},
+      root / "one" / "rm")
 
   reward = str(root / "two" / "rm" / "hf")
-  ppo_overrides = _ppo(world, policy, reward)
-  out["outputs"]["ppo"] = multi("experiments.ppo", "configs/ppo.py:test", ppo_overrides,
-                                root / "two" / "ppo").wait()
-  with parallel.fixed_reduction_order():
-    ppo.train_and_evaluate(sp.apply_overrides(ppo_config.get_config("test"), ppo_overrides),
-                           str(root / "one" / "ppo"))
+  out["outputs"]["ppo"] = job("experiments.ppo", "configs/ppo.py:test",
+                              _ppo(world, policy, reward), root / "two" / "ppo").wait()
+  one("experiments.ppo", "configs/ppo.py:test", _ppo(world, policy, reward),
+      root / "one" / "ppo")
   return out
+
+
+@pytest.fixture(scope="module")
+def multihost_runs():
+  return background.result("multihost_runs")
 
 
 def _max_param_difference(dir_one, dir_two) -> float:
@@ -127,7 +125,8 @@ STAGES = {"sft": ("loss",), "rm": ("loss", "accuracy"),
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_two_processes_match_one_process(runs, stage):
+def test_two_processes_match_one_process(multihost_runs, stage):
+  runs = multihost_runs
   rows_one = [r for r in metrics_lib.read_jsonl_scalars(runs["root"] / "one" / stage)
               if STAGES[stage][0] in r]
   rows_two = [r for r in metrics_lib.read_jsonl_scalars(runs["root"] / "two" / stage)
@@ -143,7 +142,8 @@ def test_two_processes_match_one_process(runs, stage):
     assert diff == 0.0, (stage, export, diff)
 
 
-def test_collectives_own_order_differs_only_by_rounding(runs):
+def test_collectives_own_order_differs_only_by_rounding(multihost_runs):
+  runs = multihost_runs
   # What the fixed order buys: across processes the collectives' psum adds in an order of
   # its own. Each process wrote both sums of the same values (tests/shard_probe.py).
   for process in range(2):
@@ -159,7 +159,8 @@ def test_collectives_own_order_differs_only_by_rounding(runs):
           f"of {values.shape[1]} sums differ from the device-order sum")
 
 
-def test_each_process_reads_a_disjoint_shard(runs):
+def test_each_process_reads_a_disjoint_shard(multihost_runs):
+  runs = multihost_runs
   probe = runs["root"] / "two" / "probe"
   shards = [json.loads((probe / f"shard_{p}_of_2.json").read_text()) for p in range(2)]
   assert all(s["local_devices"] == 2 for s in shards)
@@ -169,7 +170,8 @@ def test_each_process_reads_a_disjoint_shard(runs):
     assert (indices[0] >= 0).all() and (indices[1] >= 0).all()
 
 
-def test_only_process_zero_writes_logs(runs):
+def test_only_process_zero_writes_logs(multihost_runs):
+  runs = multihost_runs
   for stage in STAGES:
     workdir = runs["root"] / "two" / stage
     rows_two = metrics_lib.read_jsonl_scalars(workdir)
@@ -208,7 +210,9 @@ def test_tpu_vm_pod_workers_join_without_flags(monkeypatch):
                             "process_id": 1})
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_bit_identical(runs):
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_bit_identical(
+    multihost_runs):
+  runs = multihost_runs
   outputs = runs["outputs"]["sft_preempted"]
   stops = [re.findall(r"SIGTERM received: checkpoint saved at step (\d+)", out)
            for out in outputs]
