@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
-# Extra flags for the demo, e.g. DEMO_FLAGS=--cpu_isa=AVX2 (see README, Tests).
+# Extra flags for the demo, e.g. DEMO_FLAGS=--cpu_isa=AVX2 (see docs/results.md, "Same seed, another host").
 DEMO_FLAGS ?=
 
 .PHONY: demo test install clean

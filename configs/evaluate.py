@@ -1,7 +1,7 @@
 r"""Public benchmarks (TruthfulQA MC, CrowS-Pairs, Winogender, RealToxicityPrompts, few-shot
 multiple choice) on several checkpoints side by side.
 
-Real benchmark files (see README, "Public benchmarks", for where each comes from):
+Real benchmark files (see docs/usage.md, "Public benchmarks", for where each comes from):
   python -m experiments.evaluate --config=configs/evaluate.py \
       --config.checkpoints=sft=/ckpt/sft/hf,ppo=/ckpt/ppo/hf,ppo_ptx=/ckpt/ppo_ptx/hf \
       --config.truthfulqa.file=TruthfulQA/data/mc_task.json \

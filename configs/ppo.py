@@ -169,7 +169,7 @@ def get_config(arg=None):
     config.ptx.coef = 27.8
     config.ptx.ratio = 8.0
     config.ptx.data.max_seq_len = 1024
-    # Learning rates are not in DESIGN.md; ~1e-5 is the usual choice at this size.
+    # Learning rates are not among the settings in docs/design.md; ~1e-5 is usual at this size.
     config.policy_optimizer = _optimizer(1e-5)
     config.value_optimizer = _optimizer(1e-5)
     config.eval_every = 25

@@ -37,7 +37,7 @@ _CPU_ISA = flags.DEFINE_enum(
     "Newest x86 instruction set XLA:CPU may generate code for (--xla_cpu_max_isa). XLA "
     "otherwise targets the host's own, and float32 results follow it (a fused "
     "multiply-add rounds once). AVX2 holds an AVX-512 host to the instructions an AVX2 "
-    "host uses; see README, Tests, for what was measured.")
+    "host uses; docs/results.md says what was measured.")
 _FIXED_REDUCTION_ORDER = flags.DEFINE_bool(
     "fixed_reduction_order", False,
     "Sum over devices in device order, so a run is bit-identical however its devices are "

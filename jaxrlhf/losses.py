@@ -1,4 +1,4 @@
-"""Loss functions and estimators for SFT, the reward model and PPO (DESIGN.md section 2).
+"""Loss functions and estimators for SFT, the reward model and PPO (docs/design.md).
 
 Small pure jnp functions, one per concept. Every masked mean comes back as a `MaskedSum`
 (total, count) so that the step functions can `psum` both halves and divide once.

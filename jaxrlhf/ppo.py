@@ -3,7 +3,7 @@
 One iteration is one pmapped call: a rollout (sample, cut at the stop token, score, per-token
 KL rewards, GAE, whitened advantages), then epochs of clipped-surrogate and clipped-value
 updates over shuffled minibatches (plus gamma * pretraining NLL for PPO-ptx), then the KL
-controller. The host fetches that iteration's metrics once. DESIGN.md section 2 is the maths.
+controller. The host fetches that iteration's metrics once. docs/design.md section 3 is the maths.
 """
 
 from __future__ import annotations
