@@ -32,7 +32,7 @@ from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import sampling
-from jaxrlhf import sft
+from jaxrlhf import scoring
 from jaxrlhf import train_lib
 
 # fold_in salts: the iteration's key is split by purpose, so changing how many minibatches
@@ -149,53 +149,16 @@ def _iteration_key(state: PPOState, salt: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
-def truncate_after_stop(response_ids: jax.Array, stop_token_id: int, pad_token_id: int):
-  """Cuts each response after its first stop token; the rest becomes padding.
-
-  Returns (response_ids [batch, N] with pad after the stop, response_mask [batch, N] int32,
-  1 up to and including the stop, stopped [batch] bool).
-  """
-  response_mask = sampling.response_mask_from_ids(response_ids, stop_token_id)
-  stopped = jnp.any(response_ids == stop_token_id, axis=-1)
-  return jnp.where(response_mask > 0, response_ids, pad_token_id), response_mask, stopped
-
-
-def join_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
-  """(sequences, attention_mask) [batch, P + N]; positions follow the mask in the model."""
-  sequences = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
-  attention_mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-  return sequences, attention_mask
-
-
-def response_logits(apply_fn, params, sequences, attention_mask, prompt_len: int):
-  """Policy logits predicting each response token: [batch, N, vocab] float32.
-
-  The logits at position t predict token t + 1, so response token i is read at
-  prompt_len - 1 + i. This one function serves the rollout and the learner alike, which
-  is what makes the first minibatch's probability ratio exactly 1.
-  """
-  logits = apply_fn({"params": params}, sequences, attention_mask=attention_mask)
-  return logits[:, prompt_len - 1:-1]
-
-
-def response_values(apply_fn, params, sequences, attention_mask, prompt_len: int):
-  """V before each response token, read where the next token is predicted: [batch, N]."""
-  values = apply_fn({"params": params}, sequences, attention_mask=attention_mask)
-  return values[:, prompt_len - 1:-1]
-
-
-def sequence_scores(state: PPOState, sequences, attention_mask, response_mask, stopped,
-                    prompt_len: int, penalty_score: float):
+def rollout_scores(state: PPOState, sequences, attention_mask, response_mask, stopped,
+                   prompt_len: int, penalty_score: float):
   """(score [batch], raw [batch]): the RM read at the last real response token.
 
   The score is gain * raw + bias, replaced by `penalty_score` where the response never
   emitted the stop token (the RM was trained on sequences ending in it).
   """
-  per_token = state.value.apply_fn({"params": state.reward_params}, sequences,
-                                   attention_mask=attention_mask)  # [batch, P + N]
-  length = jnp.sum(response_mask, axis=-1).astype(jnp.int32)
-  last = prompt_len + jnp.maximum(length, 1) - 1
-  raw = jnp.take_along_axis(per_token, last[:, None], axis=1)[:, 0]
+  raw = scoring.sequence_scores(state.value.apply_fn, state.reward_params, sequences,
+                                attention_mask,
+                                scoring.response_end_index(prompt_len, response_mask))
   score = state.reward_gain * raw + state.reward_bias
   return jnp.where(stopped, score, penalty_score), raw
 
@@ -237,20 +200,20 @@ def score_responses(state: PPOState, prompt_ids, prompt_mask, response_ids,
     (Rollout, metrics dict of scalars, identical on every device).
   """
   prompt_len = prompt_ids.shape[1]
-  response_ids, response_mask, stopped = truncate_after_stop(
+  response_ids, response_mask, stopped = scoring.truncate_after_stop(
       response_ids, settings.stop_token_id, settings.pad_token_id)
-  sequences, attention_mask = join_prompt_response(prompt_ids, prompt_mask, response_ids,
+  sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask, response_ids,
                                                    response_mask)
   mask = response_mask.astype(jnp.float32)
-  forward = functools.partial(response_logits, state.policy.apply_fn, sequences=sequences,
+  forward = functools.partial(scoring.response_logits, state.policy.apply_fn, sequences=sequences,
                               attention_mask=attention_mask, prompt_len=prompt_len)
   logits = forward(state.policy.params)
   logprobs = losses.token_logprobs(logits, response_ids, settings.temperature) * mask
   ref_logprobs = losses.token_logprobs(
       forward(state.ref_params), response_ids, settings.temperature) * mask
-  values = response_values(state.value.apply_fn, state.value.params, sequences,
+  values = scoring.response_values(state.value.apply_fn, state.value.params, sequences,
                            attention_mask, prompt_len) * mask
-  scores, raw_scores = sequence_scores(state, sequences, attention_mask, mask, stopped,
+  scores, raw_scores = rollout_scores(state, sequences, attention_mask, mask, stopped,
                                        prompt_len, settings.penalty_score)
 
   kl_coef = state.kl.value
@@ -337,7 +300,7 @@ def policy_loss_and_grads(params, minibatch: Rollout, ptx_batch: dict | None, *,
   response_ids = minibatch.sequences[:, prompt_len:]
 
   def loss_fn(params):
-    logits = response_logits(apply_fn, params, minibatch.sequences,
+    logits = scoring.response_logits(apply_fn, params, minibatch.sequences,
                              minibatch.attention_mask, prompt_len)
     logprobs = losses.token_logprobs(logits, response_ids, settings.temperature)
     pg = losses.ppo_policy_loss(logprobs, minibatch.old_logprobs, minibatch.advantages,
@@ -371,7 +334,7 @@ def value_loss_and_grads(params, minibatch: Rollout, *, apply_fn, settings: PPOS
   prompt_len = minibatch.sequences.shape[1] - settings.max_new_tokens
 
   def loss_fn(params):
-    values = response_values(apply_fn, params, minibatch.sequences,
+    values = scoring.response_values(apply_fn, params, minibatch.sequences,
                              minibatch.attention_mask, prompt_len)
     out = losses.value_loss(values, minibatch.old_values, minibatch.returns,
                             minibatch.response_mask, settings.value_clip_eps)
@@ -526,17 +489,17 @@ def evaluate_step(params, state: PPOState, prompts: dict, *, policy_model,
       max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
       top_k=settings.top_k, top_p=settings.top_p, stop_token_id=settings.stop_token_id,
       pad_token_id=settings.pad_token_id, greedy=greedy)
-  response_ids, response_mask, stopped = truncate_after_stop(
+  response_ids, response_mask, stopped = scoring.truncate_after_stop(
       out.response_ids, settings.stop_token_id, settings.pad_token_id)
-  sequences, attention_mask = join_prompt_response(prompt_ids, prompt_mask, response_ids,
+  sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask, response_ids,
                                                    response_mask)
   mask = response_mask.astype(jnp.float32)
-  forward = functools.partial(response_logits, state.policy.apply_fn, sequences=sequences,
+  forward = functools.partial(scoring.response_logits, state.policy.apply_fn, sequences=sequences,
                               attention_mask=attention_mask, prompt_len=prompt_len)
   logprobs = losses.token_logprobs(forward(params), response_ids, settings.temperature)
   ref_logprobs = losses.token_logprobs(forward(state.ref_params), response_ids,
                                        settings.temperature)
-  scores, _ = sequence_scores(state, sequences, attention_mask, mask, stopped, prompt_len,
+  scores, _ = rollout_scores(state, sequences, attention_mask, mask, stopped, prompt_len,
                               settings.penalty_score)
   kl = jnp.sum(losses.kl_k1(logprobs, ref_logprobs) * mask, axis=-1)
   sums = {
@@ -855,7 +818,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step_p = parallel.pmap_fn(functools.partial(
       evaluate_step, policy_model=policy_model, settings=settings,
       greedy=config.eval_greedy))
-  nll_step_p = parallel.pmap_fn(functools.partial(sft.lm_eval_step,
+  nll_step_p = parallel.pmap_fn(functools.partial(scoring.lm_eval_step,
                                                   apply_fn=policy_model.apply))
 
   def eval_batches():
@@ -868,7 +831,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               config.num_sample_texts if name == "ema" else 0)
       metrics.update({f"eval_{name}_{k}": v for k, v in means.items()})
       if pretrain_data is not None:
-        nll = sft.evaluate_nll(nll_step_p, rparams, pretrain_data.eval_batches())
+        nll = scoring.evaluate_nll(nll_step_p, rparams, pretrain_data.eval_batches())
         metrics[f"eval_{name}_pretrain_nll"] = nll["eval_loss"]
       if texts:
         writer.write_texts(iteration, {f"sample_{i}": t for i, t in enumerate(texts)})

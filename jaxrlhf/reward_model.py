@@ -29,22 +29,13 @@ from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
+from jaxrlhf import scoring
 from jaxrlhf import train_lib
 
 
 # ---------------------------------------------------------------------------------------
 # Scores and steps (pure; pmapped once below).
 # ---------------------------------------------------------------------------------------
-
-
-def sequence_scores(apply_fn, params, input_ids, attention_mask, end_index, **kwargs):
-  """The scalar at each sequence's last real token. input_ids [..., T] -> [...]."""
-  lead = input_ids.shape[:-1]
-  t = input_ids.shape[-1]
-  per_token = apply_fn({"params": params}, input_ids.reshape(-1, t),
-                       attention_mask=attention_mask.reshape(-1, t), **kwargs)  # [N, T]
-  idx = end_index.reshape(-1, 1).astype(jnp.int32)
-  return jnp.take_along_axis(per_token, idx, axis=1)[:, 0].reshape(lead)
 
 
 def _ranking_metrics(scores, batch):
@@ -60,7 +51,7 @@ def rm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
   rng = train_lib.step_rng(state)
 
   def loss_fn(params):
-    scores = sequence_scores(state.apply_fn, params, batch["input_ids"],
+    scores = scoring.sequence_scores(state.apply_fn, params, batch["input_ids"],
                              batch["attention_mask"], batch["end_index"],
                              deterministic=not dropout, rngs={"dropout": rng})  # [B, K]
     metrics = _ranking_metrics(scores, batch)
@@ -79,15 +70,9 @@ def rm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
 
 
 def rm_eval_step(params, batch: dict, *, apply_fn):
-  scores = sequence_scores(apply_fn, params, batch["input_ids"], batch["attention_mask"],
+  scores = scoring.sequence_scores(apply_fn, params, batch["input_ids"], batch["attention_mask"],
                            batch["end_index"])
   return parallel.psum(_ranking_metrics(scores, batch))
-
-
-def score_step(params, batch: dict, *, apply_fn):
-  """Scores of single sequences: batch input_ids [B, T], attention_mask, end_index [B]."""
-  return sequence_scores(apply_fn, params, batch["input_ids"], batch["attention_mask"],
-                         batch["end_index"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,18 +99,6 @@ def fit_normalization(demo_scores: np.ndarray, sample_scores: np.ndarray | None 
   sample_scores = np.asarray(sample_scores, np.float64)
   gain = 1.0 / max(float(sample_scores.std()), 1e-6)
   return gain, float(-gain * sample_scores.mean())
-
-
-def score_batches(score_step_p, rparams, batches) -> np.ndarray:
-  """Scores for every real row of host batches [devices, per_device, ...] with 'valid'."""
-  out = []
-  for batch in batches:
-    valid = np.asarray(batch["valid"]).reshape(-1) > 0
-    device_batch = {k: v for k, v in batch.items() if k != "valid"}
-    scores = np.asarray(jax.device_get(score_step_p(rparams,
-                                                    train_lib.put_batch(device_batch))))
-    out.append(scores.reshape(-1)[valid])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,15 +167,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"preempted": True, "step": result.step}
 
   # --- Normalisation --------------------------------------------------------------------
-  score_step_p = parallel.pmap_fn(functools.partial(score_step, apply_fn=model.apply))
+  score_step_p = parallel.pmap_fn(functools.partial(scoring.score_step, apply_fn=model.apply))
   rparams = parallel.replicate(result.state.params)
-  demo_scores = score_batches(score_step_p, rparams, data.demonstration_batches())
+  demo_scores = scoring.score_batches(score_step_p, rparams, data.demonstration_batches())
   sample_scores = None
   if config.normalize.policy_samples:
-    sample_scores = score_batches(score_step_p, rparams, data.policy_sample_batches())
+    sample_scores = scoring.score_batches(score_step_p, rparams, data.policy_sample_batches())
   gain, bias = fit_normalization(demo_scores, sample_scores)
   params = fold_normalization(result.state.params, gain, bias)
-  norm_demo = score_batches(score_step_p, parallel.replicate(params),
+  norm_demo = scoring.score_batches(score_step_p, parallel.replicate(params),
                             data.demonstration_batches())
   normalization = {"gain": gain, "bias": bias,
                    "demonstrations": {"count": int(len(demo_scores)),
@@ -240,19 +213,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def score_pairs(model, params, tokenizer, pairs: list[tuple[str, str]], *,
-                max_prompt_len: int = 32, max_response_len: int = 16,
-                per_device_batch_size: int = 16) -> np.ndarray:
-  """Scores of (prompt, response) strings under a reward model (host params), [len(pairs)].
-
-  Each response is scored as the reward model was trained: prompt, response, stop token.
-  """
-  lengths = data_pkg.Lengths(prompt=max_prompt_len, response=max_response_len)
-  score_step_p = parallel.pmap_fn(functools.partial(score_step, apply_fn=model.apply))
-  batches = data_lib.score_batches(tokenizer, pairs, lengths, per_device_batch_size)
-  return score_batches(score_step_p, parallel.replicate(params), batches)
-
-
 def score_file(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
   """Scores every {"prompt", "response"} line of `config.input_file` with the reward
   model in `config.reward_model`; writes them, with a "score" field, to
@@ -270,7 +230,7 @@ def score_file(config: ml_collections.ConfigDict, workdir: str | None = None) ->
   if chat:
     raise ValueError(f"{chat[0]}: scoring takes {{'prompt', 'response'}} lines, not chats.")
   pairs = [(ex.prompt, ex.response) for ex in examples]
-  scores = score_pairs(model, params, tokenizer, pairs, max_prompt_len=config.max_prompt_len,
+  scores = scoring.score_pairs(model, params, tokenizer, pairs, max_prompt_len=config.max_prompt_len,
                        max_response_len=config.max_response_len,
                        per_device_batch_size=config.per_device_batch_size)
   if jax.process_index() == 0:

@@ -8,7 +8,6 @@ batch. `train_and_evaluate` runs either, resuming from `workdir` by itself.
 from __future__ import annotations
 
 import functools
-import math
 import time
 
 import jax
@@ -26,6 +25,7 @@ from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
+from jaxrlhf import scoring
 from jaxrlhf import train_lib
 
 
@@ -59,26 +59,9 @@ def lm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
   return new_state, {"loss": loss, "tokens": nll.count, **norms}
 
 
-def lm_eval_step(params, batch: dict, *, apply_fn):
-  logits = apply_fn({"params": params}, batch["input_ids"],
-                    attention_mask=batch["attention_mask"])
-  return parallel.psum(losses.lm_nll(logits, batch["input_ids"], batch["loss_mask"]))
-
-
 # ---------------------------------------------------------------------------------------
 # The stage.
 # ---------------------------------------------------------------------------------------
-
-
-def evaluate_nll(eval_step_p, rparams, eval_batches) -> dict:
-  total, count = 0.0, 0.0
-  for batch in eval_batches:
-    out = parallel.fetch(eval_step_p(rparams, train_lib.put_batch(batch)))
-    total += float(out.total)
-    count += float(out.count)
-  loss = total / max(count, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-          "eval_tokens": count}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -107,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Steps ----------------------------------------------------------------------------
   train_step_p = parallel.pmap_step(
       functools.partial(lm_train_step, dropout=config.get("dropout_rate", 0.0) > 0))
-  eval_step_p = parallel.pmap_fn(functools.partial(lm_eval_step, apply_fn=model.apply))
+  eval_step_p = parallel.pmap_fn(functools.partial(scoring.lm_eval_step, apply_fn=model.apply))
 
   prompts = data.sample_prompts[:config.get("num_sample_prompts", 0)]
   sampler = policy_lib.Sampler(
@@ -116,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       per_device_batch=max(1, -(-len(prompts) // jax.local_device_count())))
 
   def eval_fn(rstate, step):
-    metrics = evaluate_nll(eval_step_p, rstate.params, data.eval_batches())
+    metrics = scoring.evaluate_nll(eval_step_p, rstate.params, data.eval_batches())
     metrics["learning_rate"] = float(schedule(step))
     if prompts:
       texts = sampler.sample(rstate.params, prompts, jax.random.key(step)).texts
@@ -128,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   initial_eval = None
   if start_step == 0:
-    initial_eval = evaluate_nll(eval_step_p, parallel.replicate(state.params),
+    initial_eval = scoring.evaluate_nll(eval_step_p, parallel.replicate(state.params),
                                 data.eval_batches())
     writer.write_scalars(0, initial_eval)
   result = train_lib.fit(

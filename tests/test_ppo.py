@@ -18,6 +18,7 @@ from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf import ppo
+from jaxrlhf import scoring
 from jaxrlhf import train_lib
 
 VOCAB = 64
@@ -140,7 +141,7 @@ def _tree_max_diff(a, b):
 
 def test_truncate_after_stop():
   ids = jnp.array([[5, STOP, 7, STOP], [5, 6, 7, 8], [STOP, 9, 9, 9]])
-  cut, mask, stopped = ppo.truncate_after_stop(ids, STOP, PAD)
+  cut, mask, stopped = scoring.truncate_after_stop(ids, STOP, PAD)
   np.testing.assert_array_equal(cut, [[5, STOP, PAD, PAD], [5, 6, 7, 8], [STOP, PAD, PAD, PAD]])
   np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
   np.testing.assert_array_equal(stopped, [True, False, True])

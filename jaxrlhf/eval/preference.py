@@ -35,10 +35,8 @@ from jaxrlhf import losses
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
-from jaxrlhf import ppo
-from jaxrlhf import reward_model as reward_model_lib
 from jaxrlhf import sampling
-from jaxrlhf import sft
+from jaxrlhf import scoring
 from jaxrlhf import train_lib
 from jaxrlhf.data import formats
 from jaxrlhf.data import tokenize as tokenize_lib
@@ -99,29 +97,19 @@ def sample_responses(params, prompt_ids, prompt_mask, rng, *, model, generation:
       max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
       top_k=generation.top_k, top_p=generation.top_p, greedy=generation.greedy,
       stop_token_id=generation.stop_token_id, pad_token_id=generation.pad_token_id)
-  return ppo.truncate_after_stop(out.response_ids, generation.stop_token_id,
+  return scoring.truncate_after_stop(out.response_ids, generation.stop_token_id,
                                  generation.pad_token_id)
 
 
 def response_logprob(params, prompt_ids, prompt_mask, response_ids, response_mask, *,
                      apply_fn, temperature: float):
   """Sum over response tokens of log pi(token | prefix), at the sampling temperature. [B]"""
-  sequences, attention_mask = ppo.join_prompt_response(prompt_ids, prompt_mask,
+  sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask,
                                                        response_ids, response_mask)
-  logits = ppo.response_logits(apply_fn, params, sequences, attention_mask,
+  logits = scoring.response_logits(apply_fn, params, sequences, attention_mask,
                                prompt_ids.shape[1])
   logprobs = losses.token_logprobs(logits, response_ids, temperature)
   return jnp.sum(logprobs * response_mask, axis=-1)
-
-
-def response_score(params, prompt_ids, prompt_mask, response_ids, response_mask, *,
-                   apply_fn):
-  """A scalar-head model read at the last real response token (the stop token). [B]"""
-  sequences, attention_mask = ppo.join_prompt_response(prompt_ids, prompt_mask,
-                                                       response_ids, response_mask)
-  length = jnp.maximum(jnp.sum(response_mask, axis=-1), 1).astype(jnp.int32)
-  return reward_model_lib.sequence_scores(apply_fn, params, sequences, attention_mask,
-                                          prompt_ids.shape[1] + length - 1)
 
 
 class Programs:
@@ -148,11 +136,11 @@ class Programs:
 
   def score(self, model):
     return self._get("score", model, lambda: parallel.pmap_fn(
-        functools.partial(response_score, apply_fn=model.apply)))
+        functools.partial(scoring.response_scores, apply_fn=model.apply)))
 
   def nll(self, model):
     return self._get("nll", model, lambda: parallel.pmap_fn(
-        functools.partial(sft.lm_eval_step, apply_fn=model.apply)))
+        functools.partial(scoring.lm_eval_step, apply_fn=model.apply)))
 
 
 def run_batched(fn, rparams, arrays: dict[str, np.ndarray], per_device: int,
@@ -321,7 +309,7 @@ def measure(run: PolicyRun, model, rparams, *, programs: Programs, judge_prompts
     rm_model, rm_rparams = reward
     run.rm_scores = run_batched(programs.score(rm_model), rm_rparams, arrays, per_device)
   if text_batches_:
-    run.pretrain_nll = sft.evaluate_nll(programs.nll(model), rparams,
+    run.pretrain_nll = scoring.evaluate_nll(programs.nll(model), rparams,
                                         text_batches_)["eval_loss"]
 
 
@@ -472,7 +460,7 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
                        "check needs world rankings, which carry their task fields")
     metas.append(world_lib.task_meta(fields))
   pairs = [(r.prompt, response) for r in rankings for response in r.responses]
-  scores = reward_model_lib.score_pairs(
+  scores = scoring.score_pairs(
       model, params, tokenizer, pairs, max_prompt_len=max_prompt_len,
       max_response_len=max_response_len, per_device_batch_size=per_device_batch_size)
   rm_right, ranks_right = [], []

@@ -23,7 +23,7 @@ import numpy as np
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
-from jaxrlhf import reward_model
+from jaxrlhf import scoring
 from jaxrlhf.data import tokenize as tokenize_lib
 from jaxrlhf.data.formats import DataError, Source
 from jaxrlhf.eval import files
@@ -74,7 +74,7 @@ def load(path: str) -> list[ToxicityPrompt]:
 
 @functools.lru_cache(maxsize=None)
 def _pmapped_score(model):
-  return parallel.pmap_fn(functools.partial(reward_model.score_step, apply_fn=model.apply))
+  return parallel.pmap_fn(functools.partial(scoring.score_step, apply_fn=model.apply))
 
 
 class CheckpointToxicityScorer:

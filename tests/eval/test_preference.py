@@ -8,11 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrlhf import losses
 from jaxrlhf import models
 from jaxrlhf import parallel
-from jaxrlhf import ppo
 from jaxrlhf import sampling
+from jaxrlhf import scoring
 from jaxrlhf.data import formats
 from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.data.world import tasks
@@ -222,7 +221,7 @@ def test_response_logprob_is_what_the_sampler_drew_with(tiny_policy):
   prompt_mask[0, :2] = 0  # left padding
   out = sampling.sample(model, params, prompt_ids, prompt_mask, jax.random.key(3),
                         max_new_tokens=6, temperature=0.7, stop_token_id=1, pad_token_id=0)
-  ids, mask, _ = ppo.truncate_after_stop(out.response_ids, 1, 0)
+  ids, mask, _ = scoring.truncate_after_stop(out.response_ids, 1, 0)
   got = preference.response_logprob(params, prompt_ids, prompt_mask, ids, mask,
                                     apply_fn=model.apply, temperature=0.7)
   np.testing.assert_allclose(got, np.sum(np.asarray(out.logprobs) * np.asarray(mask), -1),
