@@ -1,0 +1,298 @@
+"""The PPO / PPO-ptx stage: config to models, data and settings, then the loop and exports.
+
+`train_and_evaluate(config, workdir)` is what `experiments/ppo.py` and the pipeline run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import data_lib
+from jaxrlhf import metrics as metrics_lib
+from jaxrlhf import model_lib
+from jaxrlhf import models
+from jaxrlhf import optim
+from jaxrlhf import parallel
+from jaxrlhf import scoring
+from jaxrlhf import train_lib
+from jaxrlhf.ppo import loop as loop_lib
+from jaxrlhf.ppo import rollout as rollout_lib
+from jaxrlhf.ppo import state as ppo_state
+from jaxrlhf.ppo import update as update_lib
+
+
+# ---------------------------------------------------------------------------------------
+# The stage.
+# ---------------------------------------------------------------------------------------
+
+
+def settings_from_config(config: ml_collections.ConfigDict, tokenizer) -> ppo_state.PPOSettings:
+  """Static settings from a configs/ppo.py config; checks the batch arithmetic."""
+  parallel.check_batch_size(config.batch_size)
+  parallel.check_batch_size(config.minibatch_size, "minibatch_size")
+  if config.batch_size % config.minibatch_size:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
+                     f"config.minibatch_size={config.minibatch_size}.")
+  if config.num_ppo_epochs < 1:
+    raise ValueError(f"config.num_ppo_epochs={config.num_ppo_epochs} must be >= 1.")
+  if config.ptx.coef < 0:
+    raise ValueError(f"config.ptx.coef={config.ptx.coef} must be >= 0 (0 = plain PPO).")
+  return ppo_state.PPOSettings(
+      max_new_tokens=config.data.max_response_len,
+      stop_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id,
+      temperature=config.rollout.temperature,
+      top_k=config.rollout.top_k,
+      top_p=config.rollout.top_p,
+      penalty_score=config.reward.penalty_score,
+      gae_gamma=config.ppo.gae_gamma,
+      gae_lambda=config.ppo.gae_lambda,
+      clip_eps=config.ppo.clip_eps,
+      value_clip_eps=config.ppo.value_clip_eps,
+      ptx_coef=config.ptx.coef,
+      num_epochs=config.num_ppo_epochs,
+      num_minibatches=config.batch_size // config.minibatch_size,
+      ema_decay=config.ema_decay,
+      kl_controller=config.kl.controller,
+      kl_target=config.kl.get("target"),
+      kl_horizon=config.kl.get("horizon"),
+      episodes_per_iteration=config.batch_size)
+
+
+def ptx_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Pretraining sequences per update: ptx.ratio times the RL episodes of a minibatch."""
+  size = int(round(config.ptx.ratio * config.minibatch_size))
+  parallel.check_batch_size(size, f"ptx.ratio * minibatch_size (= {size})")
+  return size
+
+
+def _optimizer_section(section: ml_collections.ConfigDict,
+                       updates_per_iteration: int) -> ml_collections.ConfigDict:
+  """A copy of an optimizer section with warm-up counted in updates.
+
+  PPO states its warm-up in iterations (InstructGPT: 10); the optimizer counts updates.
+  """
+  derived = ml_collections.ConfigDict(section.to_dict())
+  if section.get("warmup_iterations"):
+    derived.warmup_steps = int(section.warmup_iterations) * updates_per_iteration
+  return derived
+
+
+def _model_section(config: ml_collections.ConfigDict, init_from: str, seed: int):
+  """The fields model_lib.load_or_init reads, for the policy or the reward model."""
+  return ml_collections.ConfigDict(dict(
+      init_from=init_from, model=config.model.to_dict(), seed=seed, dtype=config.dtype,
+      param_dtype=config.param_dtype, dropout_rate=0.0))
+
+
+def _require_score_head(path: str) -> None:
+  config_file = epath.Path(path) / models.hf.CONFIG_FILE
+  if not config_file.exists():
+    raise FileNotFoundError(f"config.reward_init_from={path!r}: no {models.hf.CONFIG_FILE} "
+                            "there (expected the reward model's <workdir>/hf).")
+  hf = json.loads(config_file.read_text())
+  classifier = any(str(a).endswith("ForSequenceClassification")
+                   for a in hf.get("architectures") or [])
+  if not (hf.get(models.hf.SCORE_HEAD_KEY) or classifier):
+    raise ValueError(f"config.reward_init_from={path!r} holds a causal LM, not a reward "
+                     f"model ({config_file} has no {models.hf.SCORE_HEAD_KEY!r} flag).")
+
+
+def _pretrain_data_config(config: ml_collections.ConfigDict, batch_size: int):
+  """A pretraining-stage view of config.ptx for data_lib.lm_data (same world as the
+  prompts, so both read one <workdir>/world)."""
+  data = dict(config.ptx.data.to_dict(), world=config.data.world.to_dict(),
+              world_dir=config.data.world_dir, skip_invalid=config.data.skip_invalid,
+              max_prompt_len=config.data.max_prompt_len,
+              max_response_len=config.data.max_response_len)
+  return ml_collections.ConfigDict(dict(
+      stage="pretrain", seed=config.seed, data=data, batch_size=batch_size,
+      num_eval_batches=config.ptx.num_eval_batches))
+
+
+def _take(iterable, n: int):
+  for i, item in enumerate(iterable):
+    if n and i >= n:
+      return
+    yield item
+
+
+def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
+             num_texts: int = 0) -> tuple[dict, list[str]]:
+  """Means of `rollout_lib.evaluate_step` over host prompt batches, and a few decoded responses."""
+  totals, texts = None, []
+  for batch in batches:
+    device_batch = loop_lib.device_prompts(batch)
+    if "valid" in batch:
+      device_batch["valid"] = np.asarray(batch["valid"], np.float32)
+    sums, (ids, mask) = eval_step_p(rparams, rstate, train_lib.put_batch(device_batch))
+    sums = parallel.fetch(sums)
+    totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    if tokenizer is not None and len(texts) < num_texts:
+      ids, mask = parallel.unshard(jax.device_get((ids, mask)))
+      prompts = parallel.unshard(device_batch)
+      for p, pm, r, rm in zip(prompts["prompt_ids"], prompts["prompt_mask"], ids, mask):
+        if len(texts) < num_texts:
+          texts.append(f"{tokenizer.decode(p[pm > 0].tolist())!r} -> "
+                       f"{tokenizer.decode(r[rm > 0].tolist())!r}")
+  if totals is None:
+    return {}, texts
+  return {name: float(s.total / max(s.count, 1.0)) for name, s in totals.items()}, texts
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs PPO (config.ptx.coef 0) or PPO-ptx from an SFT policy and a reward model.
+
+  Resumes from `workdir` by itself; writes metrics.jsonl/TensorBoard, exports the policy
+  to <workdir>/hf and its EMA to <workdir>/hf_ema, and returns (and saves) a summary.
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer = models.load_tokenizer(config.tokenizer)
+  settings = settings_from_config(config, tokenizer)
+  updates = settings.updates_per_iteration
+  use_ptx = settings.ptx_coef > 0
+
+  # --- Data -------------------------------------------------------------------------
+  prompt_data = data_lib.prompt_data(config, tokenizer, workdir)
+  # Pretraining text: mixed into the policy loss for PPO-ptx, and its held-out NLL
+  # measures the "alignment tax" with or without ptx.
+  pretrain_data = None
+  if use_ptx or config.ptx.eval_nll:
+    pretrain_data = data_lib.lm_data(_pretrain_data_config(config, ptx_batch_size(config)),
+                                     tokenizer, workdir)
+  prompt_iter = prompt_data.train_iter
+  ptx_iter = pretrain_data.train_iter if use_ptx else None
+
+  # --- Models and state -------------------------------------------------------------
+  seq_len = config.data.max_prompt_len + settings.max_new_tokens
+  policy_model, sft_params = model_lib.load_or_init(
+      "lm", _model_section(config, config.policy_init_from, config.seed), tokenizer,
+      seq_len=seq_len)
+  if config.reward_init_from:
+    _require_score_head(config.reward_init_from)
+  value_model, reward_params = model_lib.load_or_init(
+      "scalar", _model_section(config, config.reward_init_from, config.seed + 1), tokenizer,
+      seq_len=seq_len)
+  total_updates = config.num_iterations * updates
+  policy_tx, policy_schedule = optim.make_optimizer(
+      _optimizer_section(config.policy_optimizer, updates), total_updates)
+  value_tx, value_schedule = optim.make_optimizer(
+      _optimizer_section(config.value_optimizer, updates), total_updates)
+  state = ppo_state.create_ppo_state(
+      policy_model=policy_model, sft_params=sft_params, value_model=value_model,
+      reward_params=reward_params, policy_tx=policy_tx, value_tx=value_tx,
+      init_kl_coef=config.kl.init_coef, seed=config.seed,
+      reward_gain=config.reward.gain, reward_bias=config.reward.bias)
+  metrics_lib.console(
+      f"{config.get('stage', 'ppo')}: policy {train_lib.count_params(sft_params)} params, "
+      f"value {train_lib.count_params(reward_params)} params; {config.num_iterations} "
+      f"iterations of {config.batch_size} episodes, {updates} updates each")
+  del sft_params, reward_params
+
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", save_every=config.checkpoint_every,
+      keep=config.keep_checkpoints)
+  state, start_iteration = loop_lib.restore_or_keep(checkpointer, state, prompt_iter, ptx_iter)
+  if start_iteration:
+    print(f"Resuming {config.get('stage', 'ppo')} from iteration {start_iteration} in "
+          f"{workdir}", flush=True)
+  writer = metrics_lib.MetricWriter(workdir)
+  if start_iteration == 0:
+    writer.write_config(config)
+
+  # --- Pmapped functions ------------------------------------------------------------
+  iteration_p = parallel.pmap_step(functools.partial(
+      update_lib.train_iteration, policy_model=policy_model, settings=settings,
+      schedules=(policy_schedule, value_schedule)))
+  eval_step_p = parallel.pmap_fn(functools.partial(
+      rollout_lib.evaluate_step, policy_model=policy_model, settings=settings,
+      greedy=config.eval_greedy))
+  nll_step_p = parallel.pmap_fn(functools.partial(scoring.lm_eval_step,
+                                                  apply_fn=policy_model.apply))
+
+  def eval_batches():
+    return _take(prompt_data.eval_batches(), config.num_eval_batches)
+
+  def eval_fn(rstate, iteration):
+    metrics = {}
+    for name, rparams in (("policy", rstate.policy.params), ("ema", rstate.ema_params)):
+      means, texts = evaluate(eval_step_p, rparams, rstate, eval_batches(), tokenizer,
+                              config.num_sample_texts if name == "ema" else 0)
+      metrics.update({f"eval_{name}_{k}": v for k, v in means.items()})
+      if pretrain_data is not None:
+        nll = scoring.evaluate_nll(nll_step_p, rparams, pretrain_data.eval_batches())
+        metrics[f"eval_{name}_pretrain_nll"] = nll["eval_loss"]
+      if texts:
+        writer.write_texts(iteration, {f"sample_{i}": t for i, t in enumerate(texts)})
+    return metrics
+
+  # --- Loop -------------------------------------------------------------------------
+  t0 = time.time()
+  rstate = parallel.replicate(state)
+  del state
+  # Kept in the workdir so that a resumed run's summary still compares with it.
+  initial_eval_file = workdir / "initial_eval.json"
+  initial_eval = None
+  if start_iteration == 0 and config.eval_every:
+    initial_eval = eval_fn(rstate, 0)
+    writer.write_scalars(0, initial_eval)
+    if jax.process_index() == 0:
+      checkpoint_lib.save_json(initial_eval_file, initial_eval)
+  elif initial_eval_file.exists():
+    initial_eval = json.loads(initial_eval_file.read_text())
+  result = loop_lib.run_iterations(
+      rstate=rstate, iteration_fn=iteration_p, prompt_iter=prompt_iter, ptx_iter=ptx_iter,
+      updates_per_iteration=updates, start_iteration=start_iteration,
+      num_iterations=config.num_iterations, checkpointer=checkpointer, writer=writer,
+      eval_fn=eval_fn, eval_every=config.eval_every, desc=config.get("stage", "ppo"))
+  checkpointer.close()
+  if result.preempted:
+    writer.close()
+    return {"preempted": True, "iteration": result.iteration}
+
+  final_eval = None
+  if result.eval_history and result.eval_history[-1]["iteration"] == result.iteration:
+    final_eval = result.eval_history[-1]
+  elif config.eval_every:  # e.g. resumed at the end: nothing ran, evaluate what was saved
+    final_eval = eval_fn(result.state, result.iteration)
+  last = result.history[-1] if result.history else {}
+  first = result.history[0] if result.history and start_iteration == 0 else {}
+  summary = {
+      "stage": config.get("stage", "ppo"),
+      "iterations": result.iteration,
+      "ptx_coef": settings.ptx_coef,
+      # Headline numbers: the EMA policy on held-out prompts where evaluations ran, else
+      # the training rollouts of the first and last iterations.
+      "initial_score": (initial_eval or {}).get("eval_ema_score", first.get("score")),
+      "final_score": (final_eval or {}).get("eval_ema_score", last.get("score")),
+      "final_kl": (final_eval or {}).get("eval_ema_kl_k1", last.get("kl_k1")),
+      "final_train": {k: last.get(k) for k in (
+          "score", "kl_k1", "kl_k3", "kl_coef", "entropy", "response_length",
+          "stopped_fraction", "value_explained_variance", "clip_fraction", "approx_kl",
+          "ptx_loss", "first_minibatch_log_ratio_abs_max") if k in last},
+      "initial_eval": initial_eval,
+      "final_eval": final_eval,
+      "seconds": time.time() - t0,
+  }
+  host_state = parallel.unreplicate(result.state)
+  if jax.process_index() == 0:
+    for name, params in (("hf", host_state.policy.params), ("hf_ema", host_state.ema_params)):
+      models.save_pretrained(policy_model, params, str(workdir / name))
+      tokenizer.save_pretrained(str(workdir / name))
+    checkpoint_lib.save_json(workdir / "summary.json", summary)
+  figures = {"score": summary["final_score"], "KL": summary["final_kl"]}
+  metrics_lib.console(
+      f"{config.get('stage', 'ppo')}: {metrics_lib.format_figures(figures)}; policy in "
+      f"{workdir / 'hf'} (EMA {workdir / 'hf_ema'}), summary in {workdir / 'summary.json'}")
+  parallel.sync_global_devices("ppo_export")
+  writer.close()
+  return summary
