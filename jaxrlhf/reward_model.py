@@ -155,12 +155,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     initial_eval = evaluate_rankings(eval_step_p, parallel.replicate(state.params),
                                      data.eval_batches())
     writer.write_scalars(0, initial_eval)
-  result = train_lib.fit(
-      state=state, step_fn=train_step_p, train_iter=data.train_iter, num_steps=num_steps,
-      checkpointer=checkpointer, writer=writer,
+  result = train_lib.run_loop(
+      rstate=parallel.replicate(state), step_fn=train_step_p,
+      next_batch=train_lib.batches_from(data.train_iter,
+                                        lambda b: float(np.sum(b["pair_mask"]))),
+      num_steps=num_steps, checkpointer=checkpointer, writer=writer,
       log_every=config.log_every, eval_every=config.eval_every, eval_fn=eval_fn,
-      units_per_step=lambda b: float(np.sum(b["pair_mask"])), units_name="comparisons",
-      desc="reward_model", data_state_fn=data.train_iter.get_state, start_step=start_step)
+      units_name="comparisons", desc="reward_model",
+      data_state_fn=data.train_iter.get_state, start_step=start_step)
   checkpointer.close()
   if result.preempted:
     writer.close()
@@ -168,15 +170,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Normalisation --------------------------------------------------------------------
   score_step_p = parallel.pmap_fn(functools.partial(scoring.score_step, apply_fn=model.apply))
-  rparams = parallel.replicate(result.state.params)
+  rparams = result.state.params  # replicated
+  host_params = parallel.unreplicate(result.state).params
   demo_scores = scoring.score_batches(score_step_p, rparams, data.demonstration_batches())
   sample_scores = None
   if config.normalize.policy_samples:
     sample_scores = scoring.score_batches(score_step_p, rparams, data.policy_sample_batches())
   gain, bias = fit_normalization(demo_scores, sample_scores)
-  params = fold_normalization(result.state.params, gain, bias)
+  params = fold_normalization(host_params, gain, bias)
   norm_demo = scoring.score_batches(score_step_p, parallel.replicate(params),
-                            data.demonstration_batches())
+                                    data.demonstration_batches())
   normalization = {"gain": gain, "bias": bias,
                    "demonstrations": {"count": int(len(demo_scores)),
                                       "mean_before": float(np.mean(demo_scores)),

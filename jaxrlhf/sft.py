@@ -114,12 +114,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     initial_eval = scoring.evaluate_nll(eval_step_p, parallel.replicate(state.params),
                                 data.eval_batches())
     writer.write_scalars(0, initial_eval)
-  result = train_lib.fit(
-      state=state, step_fn=train_step_p, train_iter=data.train_iter, num_steps=num_steps,
-      checkpointer=checkpointer, writer=writer,
+  result = train_lib.run_loop(
+      rstate=parallel.replicate(state), step_fn=train_step_p,
+      next_batch=train_lib.batches_from(data.train_iter,
+                                        lambda b: float(np.sum(b["attention_mask"]))),
+      num_steps=num_steps, checkpointer=checkpointer, writer=writer,
       log_every=config.log_every, eval_every=config.eval_every, eval_fn=eval_fn,
-      units_per_step=lambda b: float(np.sum(b["attention_mask"])), units_name="tokens",
-      desc=config.stage, data_state_fn=data.train_iter.get_state, start_step=start_step)
+      units_name="tokens", desc=config.stage, data_state_fn=data.train_iter.get_state,
+      start_step=start_step)
   checkpointer.close()
   if result.preempted:
     writer.close()
@@ -136,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   export_dir = workdir / "hf"
   if jax.process_index() == 0:
-    models.save_pretrained(model, result.state.params, str(export_dir))
+    models.save_pretrained(model, parallel.unreplicate(result.state).params, str(export_dir))
     tokenizer.save_pretrained(str(export_dir))
     checkpoint_lib.save_json(workdir / "summary.json", summary)
   figures = {"train loss": summary["train_loss"],

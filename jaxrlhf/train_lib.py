@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 
@@ -161,86 +161,116 @@ def put_batch(batch: dict) -> dict:
 
 
 @dataclasses.dataclass
-class FitResult:
-  state: Any            # unreplicated host state
-  step: int
-  last_metrics: dict
-  eval_history: list
+class LoopResult:
+  state: Any            # replicated, as the loop left it
+  step: int             # the last step (PPO: iteration) run
+  last_metrics: dict    # host metrics of the last step fetched
+  history: list         # every row logged by this run: {unit: step, **metrics, timing}
+  eval_history: list    # {unit: step, **metrics} of every evaluation run here
   preempted: bool = False
 
 
-def fit(*, state: TrainState, step_fn: Callable, train_iter: Iterator[dict],
-        num_steps: int, checkpointer: checkpoint_lib.Checkpointer,
-        writer: metrics_lib.MetricWriter, log_every: int, eval_every: int = 0,
-        eval_fn: Callable[[TrainState, int], dict] | None = None,
-        units_per_step: Callable[[dict], float] | None = None, units_name: str = "tokens",
-        desc: str = "train", data_state_fn: Callable[[], Any] | None = None,
-        start_step: int = 0) -> FitResult:
-  """Runs `step_fn` (pmapped, donating) from `start_step` to `num_steps`.
+def batches_from(train_iter: Iterator[dict],
+                 units: Callable[[dict], float] | None = None) -> Callable[[], tuple]:
+  """`next_batch` for `run_loop` from a host iterator: one sharded batch per step."""
+  def next_batch():
+    batch = next(train_iter)
+    return (put_batch(batch),), (units(batch) if units is not None else 0.0)
+  return next_batch
 
-  `state` is the unreplicated host state; `eval_fn(replicated_state, step)` returns
-  scalars to log. Metrics are fetched once per `log_every` steps, never per step.
+
+def run_loop(*, rstate: Any, step_fn: Callable, next_batch: Callable[[], tuple],
+             num_steps: int, checkpointer: checkpoint_lib.Checkpointer,
+             writer: metrics_lib.MetricWriter, log_every: int = 1, start_step: int = 0,
+             eval_fn: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
+             data_state_fn: Callable[[], Any] | None = None, unit: str = "step",
+             desc: str = "train", must_be_finite: Sequence[str] = ("loss", "grad_norm"),
+             progress: Mapping[str, str] = (("loss", "loss"),),
+             units_name: str | None = None, seconds_name: str | None = None) -> LoopResult:
+  """The one host loop of every stage: `step_fn(rstate, *args)` from `start_step` to
+  `num_steps`, where `next_batch()` returns (device args, units of work in them).
+
+  `rstate` is replicated and so is the result's state. Metrics are fetched once per
+  `log_every` steps (the only host sync), checked for NaN/Inf (`must_be_finite`) before
+  any checkpoint is written, and logged with the throughput since the previous fetch:
+  `<units_name>_per_sec` and/or `<seconds_name>` (seconds per step); evaluation and
+  checkpoint time count in neither. `eval_fn(rstate, step)` returns scalars to log every
+  `eval_every` steps and at the end. SIGTERM saves at the next step boundary and returns
+  with `preempted`; on several processes they all stop at one agreed step. `unit` names
+  a step in messages and in the history rows ("iteration" for PPO); `progress` maps the
+  progress bar's fields to metric names.
   """
-  rstate = parallel.replicate(state)
   step = start_step
   pending: list[tuple[int, Any]] = []
-  eval_history = []
+  history, eval_history = [], []
   last = {}
-  progress = metrics_lib.Progress(total=num_steps, initial=step, desc=desc)
-  t_last = time.perf_counter()
-  units_since = 0.0
+  bar = metrics_lib.Progress(total=num_steps, initial=step, desc=desc)
+  t_window, seconds, units = time.perf_counter(), 0.0, 0.0
 
   def flush_metrics():
-    nonlocal last, t_last, units_since
+    nonlocal last
     if not pending:
       return
     host = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, host):
       m = {k: float(np.asarray(v)[0]) for k, v in m.items()}
-      check_finite(s, m, last_checkpoint=checkpointer.latest_step())
+      check_finite(s, m, names=must_be_finite, last_checkpoint=checkpointer.latest_step())
       last = m
-    now = time.perf_counter()
-    rate = units_since / max(now - t_last, 1e-9)
-    t_last, units_since = now, 0.0
-    s = pending[-1][0]
+    elapsed = seconds + time.perf_counter() - t_window
     row = dict(last)
-    row[f"{units_name}_per_sec"] = rate
+    postfix = {name: last.get(key, float("nan")) for name, key in dict(progress).items()}
+    if units_name:
+      row[f"{units_name}_per_sec"] = units / max(elapsed, 1e-9)
+      postfix[f"{units_name}/s"] = row[f"{units_name}_per_sec"]
+    if seconds_name:
+      row[seconds_name] = elapsed / len(pending)
+    s = pending[-1][0]
     writer.write_scalars(s, row)
+    history.append({unit: s, **row})
     pending.clear()
-    progress.update(0, loss=last.get("loss", float("nan")), **{f"{units_name}/s": rate})
+    bar.update(0, **postfix)
+
+  def restart_window():
+    nonlocal t_window, seconds, units
+    t_window, seconds, units = time.perf_counter(), 0.0, 0.0
 
   preempted = False
   with PreemptionWatcher() as watcher:
     while step < num_steps:
-      batch = next(train_iter)
-      if units_per_step is not None:
-        units_since += units_per_step(batch)
-      rstate, metrics = step_fn(rstate, put_batch(batch))
+      if not pending:
+        restart_window()
+      args, step_units = next_batch()
+      units += step_units
+      rstate, metrics = step_fn(rstate, *args)
       step += 1
       pending.append((step, metrics))
-      progress.update(1)
+      bar.update(1)
       is_last = step == num_steps
       if step % log_every == 0 or is_last:
         flush_metrics()
+      # Time spent below (evaluation, checkpoints) is left out of the rates.
+      seconds += time.perf_counter() - t_window
+      t_window = time.perf_counter()
       if eval_fn is not None and eval_every and (step % eval_every == 0 or is_last):
         flush_metrics()
         ev = eval_fn(rstate, step)
         writer.write_scalars(step, ev)
-        eval_history.append({"step": step, **ev})
-      stop = watcher.should_stop(step)
+        eval_history.append({unit: step, **ev})
+      stop = watcher.should_stop(step)  # agreed by every process
       if checkpointer.should_save(step) or is_last or stop:
         flush_metrics()  # never checkpoint a state whose steps we have not checked
         checkpointer.save(step, parallel.unreplicate(rstate),
                           data_state=data_state_fn() if data_state_fn else None)
+      t_window = time.perf_counter()  # a flush above counted up to its own call
       if stop and not is_last:
-        logging.info("SIGTERM received: saved step %d and stopping.", step)
-        print(f"SIGTERM received: checkpoint saved at step {step}; exiting.", flush=True)
+        logging.info("SIGTERM received: saved %s %d and stopping.", unit, step)
+        print(f"SIGTERM received: checkpoint saved at {unit} {step}; exiting.", flush=True)
         preempted = True
         break
-  progress.close()
+  bar.close()
   writer.flush()
-  return FitResult(state=parallel.unreplicate(rstate), step=step, last_metrics=last,
-                   eval_history=eval_history, preempted=preempted)
+  return LoopResult(state=rstate, step=step, last_metrics=last, history=history,
+                    eval_history=eval_history, preempted=preempted)
 
 
 def enable_compilation_cache(workdir) -> str | None:
@@ -266,5 +296,5 @@ def to_host_tree(tree):
 
 
 __all__ = ["TrainState", "create_train_state", "step_rng", "apply_gradients_guarded",
-           "check_finite", "NonFiniteError", "enable_compilation_cache", "PreemptionWatcher", "fit", "FitResult",
-           ]
+           "check_finite", "NonFiniteError", "enable_compilation_cache", "PreemptionWatcher",
+           "run_loop", "batches_from", "LoopResult"]

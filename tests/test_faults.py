@@ -94,9 +94,11 @@ def test_fit_stops_at_a_non_finite_step_and_keeps_the_last_checkpoint(tmp_path, 
                      match=rf"step 5: (loss|grad_norm) is {shown}.*checkpoint") as error:
     # Metrics are fetched every 3 steps: the bad step is found at step 6's fetch, yet
     # named as step 5, and no checkpoint is written after it.
-    train_lib.fit(state=state, step_fn=parallel.pmap_step(_regression_step),
-                  train_iter=batches, num_steps=10, checkpointer=checkpointer, writer=writer,
-                  log_every=3, data_state_fn=batches.get_state)
+    train_lib.run_loop(rstate=parallel.replicate(state),
+                       step_fn=parallel.pmap_step(_regression_step),
+                       next_batch=train_lib.batches_from(batches), num_steps=10,
+                       checkpointer=checkpointer, writer=writer, log_every=3,
+                       data_state_fn=batches.get_state)
   assert "step 4" in str(error.value)  # the checkpoint a restart would use
   assert checkpointer.all_steps() == [2, 4]
   for step in (2, 4):  # byte for byte as written
@@ -129,10 +131,11 @@ def test_ppo_loop_stops_at_a_non_finite_iteration(tmp_path):
 
   checkpointer = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=10)
   with pytest.raises(train_lib.NonFiniteError, match=r"step 3: policy_loss is nan"):
-    ppo.run_iterations(rstate=rstate, iteration_fn=iteration_fn, prompt_iter=Prompts(),
-                       ptx_iter=None, updates_per_iteration=1, start_iteration=0,
-                       num_iterations=6, checkpointer=checkpointer,
-                       writer=metrics_lib.MetricWriter(tmp_path))
+    prompts = Prompts()
+    train_lib.run_loop(rstate=rstate, step_fn=iteration_fn,
+                       next_batch=ppo.iteration_batches(prompts, None, 1), num_steps=6,
+                       checkpointer=checkpointer, writer=metrics_lib.MetricWriter(tmp_path),
+                       **ppo.loop_settings(prompts, None))
   assert checkpointer.all_steps() == [2]
   checkpointer.close()
 

@@ -340,12 +340,12 @@ def _run_loop(setup, workdir, num_iterations, sigterm_on_call=0):
       os.kill(os.getpid(), signal.SIGTERM)
     return setup["iteration_p"](*args)
 
-  result = ppo.run_iterations(
-      rstate=parallel.replicate(state), iteration_fn=iteration_fn,
-      prompt_iter=prompt_iter, ptx_iter=ptx_iter,
-      updates_per_iteration=SETTINGS.updates_per_iteration, start_iteration=start,
-      num_iterations=num_iterations, checkpointer=checkpointer,
-      writer=metrics_lib.MetricWriter(workdir, enabled=False))
+  result = train_lib.run_loop(
+      rstate=parallel.replicate(state), step_fn=iteration_fn,
+      next_batch=ppo.iteration_batches(prompt_iter, ptx_iter, SETTINGS.updates_per_iteration),
+      start_step=start, num_steps=num_iterations, checkpointer=checkpointer,
+      writer=metrics_lib.MetricWriter(workdir, enabled=False),
+      **ppo.loop_settings(prompt_iter, ptx_iter))
   checkpointer.close()
   return start, result, parallel.unreplicate(result.state)
 
@@ -354,7 +354,7 @@ def test_resume_after_sigterm_is_bit_identical(setup, tmp_path):
   _, straight_result, straight = _run_loop(setup, tmp_path / "straight", 3)
   # Preempted during iteration 2: it finishes, saves and stops; the rerun resumes there.
   first_start, stopped, _ = _run_loop(setup, tmp_path / "resumed", 3, sigterm_on_call=2)
-  assert stopped.preempted and stopped.iteration == 2
+  assert stopped.preempted and stopped.step == 2
   start, resumed_result, resumed = _run_loop(setup, tmp_path / "resumed", 3)
   assert (first_start, start) == (0, 2)
   assert not resumed_result.preempted

@@ -9,14 +9,15 @@ docs/design.md, section 3, is the maths. By job:
   state.py    what an iteration carries (`PPOState`) and is told (`PPOSettings`)
   rollout.py  sampling and scoring on the device, for training and evaluation
   update.py   the clipped losses, minibatch updates and the whole iteration
-  loop.py     the host loop: checkpoints, SIGTERM, metrics
+  loop.py     its side of the one host loop (train_lib.run_loop): batches, resuming
   stage.py    config to models, data and settings; `train_and_evaluate`
 """
 
 # The submodules keep their names here (`ppo.rollout` is the module, not its function).
 from jaxrlhf.ppo.loop import device_prompts
 from jaxrlhf.ppo.loop import restore_or_keep
-from jaxrlhf.ppo.loop import run_iterations
+from jaxrlhf.ppo.loop import iteration_batches
+from jaxrlhf.ppo.loop import loop_settings
 from jaxrlhf.ppo.loop import stack_ptx_batches
 from jaxrlhf.ppo.rollout import evaluate_step
 from jaxrlhf.ppo.rollout import score_responses

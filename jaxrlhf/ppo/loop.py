@@ -1,17 +1,13 @@
-"""PPO's host loop: batches to the devices, checkpoints, SIGTERM, metrics once an iteration."""
+"""PPO's side of the host loop (`train_lib.run_loop`): batches to the devices, the data
+iterators' state in checkpoints, resuming."""
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from typing import Any, Callable, Iterator
 
-from absl import logging
 import numpy as np
 
 from jaxrlhf import checkpoint as checkpoint_lib
-from jaxrlhf import metrics as metrics_lib
-from jaxrlhf import parallel
 from jaxrlhf import train_lib
 from jaxrlhf.ppo import state as ppo_state
 
@@ -74,64 +70,24 @@ def restore_or_keep(checkpointer: checkpoint_lib.Checkpointer, state: ppo_state.
   return state, int(iteration)
 
 
-@dataclasses.dataclass
-class LoopResult:
-  state: ppo_state.PPOState       # replicated, as the loop left it
-  iteration: int
-  history: list         # host metrics of every iteration run here
-  eval_history: list    # {"iteration": i, **metrics} of every evaluation run here
-  preempted: bool = False
+def iteration_batches(prompt_iter: Iterator[dict], ptx_iter: Iterator[dict] | None,
+                      updates_per_iteration: int) -> Callable[[], tuple]:
+  """`next_batch` for `train_lib.run_loop`: an iteration's prompts and, for PPO-ptx, one
+  pretraining batch per minibatch update, all sharded over the devices."""
+  def next_batch():
+    prompts = train_lib.put_batch(device_prompts(next(prompt_iter)))
+    ptx = None
+    if ptx_iter is not None:
+      ptx = train_lib.put_batch(stack_ptx_batches(
+          [next(ptx_iter) for _ in range(updates_per_iteration)]))
+    return (prompts, ptx), 0.0
+  return next_batch
 
 
-def run_iterations(*, rstate: ppo_state.PPOState, iteration_fn: Callable,
-                   prompt_iter: Iterator[dict], ptx_iter: Iterator[dict] | None,
-                   updates_per_iteration: int,
-                   start_iteration: int, num_iterations: int,
-                   checkpointer: checkpoint_lib.Checkpointer,
-                   writer: metrics_lib.MetricWriter,
-                   eval_fn: Callable[[ppo_state.PPOState, int], dict] | None = None,
-                   eval_every: int = 0, desc: str = "ppo") -> LoopResult:
-  """Runs pmapped `iteration_fn` from `start_iteration` to `num_iterations`.
-
-  Metrics are fetched once per iteration (the only host sync) and checked for NaN before
-  any checkpoint is written; SIGTERM saves at the next iteration boundary and returns.
-  """
-  iteration = start_iteration
-  history, eval_history = [], []
-  progress = metrics_lib.Progress(total=num_iterations, initial=iteration, desc=desc)
-  preempted = False
-  with train_lib.PreemptionWatcher() as watcher:
-    while iteration < num_iterations:
-      t0 = time.perf_counter()
-      prompts = train_lib.put_batch(device_prompts(next(prompt_iter)))
-      ptx = None
-      if ptx_iter is not None:
-        ptx = train_lib.put_batch(stack_ptx_batches(
-            [next(ptx_iter) for _ in range(updates_per_iteration)]))
-      rstate, metrics = iteration_fn(rstate, prompts, ptx)
-      metrics = {k: float(v) for k, v in parallel.fetch(metrics).items()}
-      iteration += 1
-      train_lib.check_finite(iteration, metrics, names=ppo_state.MUST_BE_FINITE)
-      metrics["seconds_per_iteration"] = time.perf_counter() - t0
-      writer.write_scalars(iteration, metrics)
-      history.append({"iteration": iteration, **metrics})
-      progress.update(1, score=metrics["score"], kl=metrics["kl_k1"])
-      is_last = iteration == num_iterations
-      if eval_fn is not None and eval_every and (iteration % eval_every == 0 or is_last):
-        eval_metrics = eval_fn(rstate, iteration)
-        writer.write_scalars(iteration, eval_metrics)
-        eval_history.append({"iteration": iteration, **eval_metrics})
-      stop = watcher.should_stop(iteration)  # agreed by every process
-      if checkpointer.should_save(iteration) or is_last or stop:
-        checkpointer.save(iteration, parallel.unreplicate(rstate),
-                          data_state=data_state(prompt_iter, ptx_iter))
-      if stop and not is_last:
-        logging.info("SIGTERM received: saved iteration %d and stopping.", iteration)
-        print(f"SIGTERM received: checkpoint saved at iteration {iteration}; exiting.",
-              flush=True)
-        preempted = True
-        break
-  progress.close()
-  writer.flush()
-  return LoopResult(state=rstate, iteration=iteration, history=history,
-                    eval_history=eval_history, preempted=preempted)
+def loop_settings(prompt_iter, ptx_iter) -> dict:
+  """What PPO tells `train_lib.run_loop` beyond the batches: a metric fetch every
+  iteration, the metrics that must be finite, and what the progress bar shows."""
+  return {"log_every": 1, "unit": "iteration", "must_be_finite": ppo_state.MUST_BE_FINITE,
+          "progress": {"score": "score", "kl": "kl_k1"},
+          "seconds_name": "seconds_per_iteration",
+          "data_state_fn": lambda: data_state(prompt_iter, ptx_iter)}

@@ -249,26 +249,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint_lib.save_json(initial_eval_file, initial_eval)
   elif initial_eval_file.exists():
     initial_eval = json.loads(initial_eval_file.read_text())
-  result = loop_lib.run_iterations(
-      rstate=rstate, iteration_fn=iteration_p, prompt_iter=prompt_iter, ptx_iter=ptx_iter,
-      updates_per_iteration=updates, start_iteration=start_iteration,
-      num_iterations=config.num_iterations, checkpointer=checkpointer, writer=writer,
-      eval_fn=eval_fn, eval_every=config.eval_every, desc=config.get("stage", "ppo"))
+  result = train_lib.run_loop(
+      rstate=rstate, step_fn=iteration_p,
+      next_batch=loop_lib.iteration_batches(prompt_iter, ptx_iter, updates),
+      start_step=start_iteration, num_steps=config.num_iterations, checkpointer=checkpointer,
+      writer=writer, eval_fn=eval_fn, eval_every=config.eval_every,
+      desc=config.get("stage", "ppo"), **loop_lib.loop_settings(prompt_iter, ptx_iter))
   checkpointer.close()
   if result.preempted:
     writer.close()
-    return {"preempted": True, "iteration": result.iteration}
+    return {"preempted": True, "iteration": result.step}
 
   final_eval = None
-  if result.eval_history and result.eval_history[-1]["iteration"] == result.iteration:
+  if result.eval_history and result.eval_history[-1]["iteration"] == result.step:
     final_eval = result.eval_history[-1]
   elif config.eval_every:  # e.g. resumed at the end: nothing ran, evaluate what was saved
-    final_eval = eval_fn(result.state, result.iteration)
+    final_eval = eval_fn(result.state, result.step)
   last = result.history[-1] if result.history else {}
   first = result.history[0] if result.history and start_iteration == 0 else {}
   summary = {
       "stage": config.get("stage", "ppo"),
-      "iterations": result.iteration,
+      "iterations": result.step,
       "ptx_coef": settings.ptx_coef,
       # Headline numbers: the EMA policy on held-out prompts where evaluations ran, else
       # the training rollouts of the first and last iterations.
