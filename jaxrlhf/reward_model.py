@@ -18,9 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import data as data_pkg
 from jaxrlhf import data_lib
 from jaxrlhf import losses
@@ -30,6 +28,7 @@ from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import scoring
+from jaxrlhf import stage_lib
 from jaxrlhf import train_lib
 
 
@@ -119,10 +118,9 @@ def evaluate_rankings(eval_step_p, rparams, batches) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the reward model on rankings; exports it normalised to <workdir>/hf."""
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  stage = stage_lib.Stage("reward_model", config, workdir)
+  workdir, tokenizer = stage.workdir, stage.tokenizer
   parallel.check_batch_size(config.batch_size)
-  tokenizer = models.load_tokenizer(config.tokenizer)
 
   # --- Data -------------------------------------------------------------------------
   data = data_lib.ranking_data(config, tokenizer, workdir)
@@ -135,8 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics_lib.console(
       f"reward_model: {train_lib.count_params(params)} parameters, {num_steps} steps of "
       f"{config.batch_size} ranked prompts")
-  state, start_step, checkpointer, writer = train_lib.start_run(
-      config, workdir, state, data.train_iter, "reward model")
+  state = stage.resume(state, lambda data_state, _: data.train_iter.set_state(data_state))
+  writer = stage.writer
 
   # --- Steps ----------------------------------------------------------------------------
   train_step_p = parallel.pmap_step(
@@ -150,23 +148,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Loop -------------------------------------------------------------------------------
   t0 = time.time()
-  initial_eval = None
-  if start_step == 0:
-    initial_eval = evaluate_rankings(eval_step_p, parallel.replicate(state.params),
-                                     data.eval_batches())
-    writer.write_scalars(0, initial_eval)
+  initial_eval = stage.initial_eval(lambda: evaluate_rankings(
+      eval_step_p, parallel.replicate(state.params), data.eval_batches()))
   result = train_lib.run_loop(
       rstate=parallel.replicate(state), step_fn=train_step_p,
       next_batch=train_lib.batches_from(data.train_iter,
                                         lambda b: float(np.sum(b["pair_mask"]))),
-      num_steps=num_steps, checkpointer=checkpointer, writer=writer,
+      num_steps=num_steps, checkpointer=stage.checkpointer, writer=writer,
       log_every=config.log_every, eval_every=config.eval_every, eval_fn=eval_fn,
       units_name="comparisons", desc="reward_model",
-      data_state_fn=data.train_iter.get_state, start_step=start_step)
-  checkpointer.close()
+      data_state_fn=data.train_iter.get_state, start_step=stage.start_step)
   if result.preempted:
-    writer.close()
-    return {"preempted": True, "step": result.step}
+    return stage.preempted(result)
 
   # --- Normalisation --------------------------------------------------------------------
   score_step_p = parallel.pmap_fn(functools.partial(scoring.score_step, apply_fn=model.apply))
@@ -195,20 +188,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "normalization": normalization, "seconds": time.time() - t0, "data": data.stats(),
   }
   writer.write_scalars(result.step, {f"normalized_{k}": v for k, v in final_eval.items()})
-  if jax.process_index() == 0:
-    export_dir = workdir / "hf"
-    models.save_pretrained(model, jax.device_get(params), str(export_dir))
-    tokenizer.save_pretrained(str(export_dir))
-    checkpoint_lib.save_json(export_dir / "reward_normalization.json", normalization)
-    checkpoint_lib.save_json(workdir / "summary.json", summary)
   figures = {"train loss": summary["train_loss"],
              "held-out pairwise accuracy": final_eval.get("eval_accuracy")}
-  metrics_lib.console(
-      f"reward_model: {result.step} steps, {metrics_lib.format_figures(figures)}; model in "
-      f"{workdir / 'hf'}, summary in {workdir / 'summary.json'}")
-  parallel.sync_global_devices("rm_export")
-  writer.close()
-  return summary
+  return stage.finish(summary, figures=figures,
+                      exports={"hf": (model, jax.device_get(params))},
+                      extra_files={"hf/reward_normalization.json": normalization})
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,18 +14,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import data_lib
 from jaxrlhf import losses
 from jaxrlhf import model_lib
 from jaxrlhf import metrics as metrics_lib
-from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
 from jaxrlhf import scoring
+from jaxrlhf import stage_lib
 from jaxrlhf import train_lib
 
 
@@ -66,10 +64,9 @@ def lm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains a causal LM on `config.data` (kind 'pretrain' or 'sft'); returns a summary."""
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  stage = stage_lib.Stage(config.stage, config, workdir)
+  workdir, tokenizer = stage.workdir, stage.tokenizer
   per_device = parallel.check_batch_size(config.batch_size)
-  tokenizer = models.load_tokenizer(config.tokenizer)
 
   # --- Data -------------------------------------------------------------------------
   data = data_lib.lm_data(config, tokenizer, workdir)
@@ -84,8 +81,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{config.stage}: {train_lib.count_params(params)} parameters, {num_steps} steps of "
       f"{config.batch_size} sequences ({per_device} per device)")
 
-  state, start_step, checkpointer, writer = train_lib.start_run(
-      config, workdir, state, data.train_iter, config.stage)
+  state = stage.resume(state, lambda data_state, _: data.train_iter.set_state(data_state))
+  writer = stage.writer
 
   # --- Steps ----------------------------------------------------------------------------
   train_step_p = parallel.pmap_step(
@@ -109,23 +106,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Loop -------------------------------------------------------------------------------
   t0 = time.time()
-  initial_eval = None
-  if start_step == 0:
-    initial_eval = scoring.evaluate_nll(eval_step_p, parallel.replicate(state.params),
-                                data.eval_batches())
-    writer.write_scalars(0, initial_eval)
+  initial_eval = stage.initial_eval(lambda: scoring.evaluate_nll(
+      eval_step_p, parallel.replicate(state.params), data.eval_batches()))
   result = train_lib.run_loop(
       rstate=parallel.replicate(state), step_fn=train_step_p,
       next_batch=train_lib.batches_from(data.train_iter,
                                         lambda b: float(np.sum(b["attention_mask"]))),
-      num_steps=num_steps, checkpointer=checkpointer, writer=writer,
+      num_steps=num_steps, checkpointer=stage.checkpointer, writer=writer,
       log_every=config.log_every, eval_every=config.eval_every, eval_fn=eval_fn,
       units_name="tokens", desc=config.stage, data_state_fn=data.train_iter.get_state,
-      start_step=start_step)
-  checkpointer.close()
+      start_step=stage.start_step)
   if result.preempted:
-    writer.close()
-    return {"preempted": True, "step": result.step}
+    return stage.preempted(result)
 
   summary = {
       "stage": config.stage,
@@ -136,16 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "seconds": time.time() - t0,
       "data": data.stats(),
   }
-  export_dir = workdir / "hf"
-  if jax.process_index() == 0:
-    models.save_pretrained(model, parallel.unreplicate(result.state).params, str(export_dir))
-    tokenizer.save_pretrained(str(export_dir))
-    checkpoint_lib.save_json(workdir / "summary.json", summary)
   figures = {"train loss": summary["train_loss"],
              "validation loss": (summary["final_eval"] or {}).get("eval_loss")}
-  metrics_lib.console(
-      f"{config.stage}: {result.step} steps, {metrics_lib.format_figures(figures)}; "
-      f"model in {export_dir}, summary in {workdir / 'summary.json'}")
-  parallel.sync_global_devices("sft_export")
-  writer.close()
-  return summary
+  return stage.finish(summary, figures=figures,
+                      exports={"hf": (model, parallel.unreplicate(result.state).params)})

@@ -134,27 +134,6 @@ def _preemption_service_running() -> bool:
     return False
 
 
-def start_run(config, workdir, state: TrainState, train_iter, name: str):
-  """Opens a stage's checkpointer and writer, resuming state and data from `workdir`.
-
-  Returns (state, start_step, checkpointer, writer); the config is logged on a fresh run.
-  """
-  checkpointer = checkpoint_lib.Checkpointer(
-      epath.Path(workdir) / "checkpoints", save_every=config.checkpoint_every,
-      keep=config.keep_checkpoints)
-  start_step = 0
-  restored = checkpointer.restore(state)
-  if restored is not None:
-    state, data_state, _, start_step = restored
-    train_iter.set_state(data_state)
-    logging.info("Resumed %s from step %d in %s", name, start_step, workdir)
-    print(f"Resuming {name} from step {start_step} in {workdir}", flush=True)
-  writer = metrics_lib.MetricWriter(workdir)
-  if start_step == 0:
-    writer.write_config(config)
-  return state, start_step, checkpointer, writer
-
-
 def put_batch(batch: dict) -> dict:
   """Host batch [local_devices, per_device, ...] onto the devices."""
   return parallel.device_put_sharded(batch)

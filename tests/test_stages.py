@@ -62,6 +62,12 @@ def test_sft_resume_is_bit_identical(chain, tmp_path):
   _, resumed = models.from_pretrained(str(tmp_path / "resumed" / "hf"))
   for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The resumed run's summary keeps the evaluation made before training (once: null).
+  straight_summary, resumed_summary = (json.loads((tmp_path / d / "summary.json").read_text())
+                                       for d in ("straight", "resumed"))
+  assert straight_summary["initial_eval"] is not None
+  for key in ("initial_eval", "final_eval", "train_loss", "steps"):
+    assert resumed_summary[key] == straight_summary[key], key
 
 
 def test_reward_model_learns_rankings_and_is_normalised(chain):

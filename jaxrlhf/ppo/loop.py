@@ -50,6 +50,23 @@ def data_state(prompt_iter, ptx_iter) -> dict:
           "ptx": None if ptx_iter is None else _pack_iterator_state(ptx_iter.get_state())}
 
 
+def restore_iterators(prompt_iter, ptx_iter, directory) -> Callable[[dict, int], None]:
+  """`restore_data` for `stage_lib.Stage.resume`: moves the prompt and pretraining
+  iterators to where the checkpoint at `iteration` (in `directory`) left them."""
+  def restore(saved_data, iteration):
+    if not saved_data:
+      return
+    prompt_iter.set_state(_unpack_iterator_state(saved_data["prompts"]))
+    if ptx_iter is not None:
+      if saved_data.get("ptx") is None:
+        raise ValueError(
+            f"checkpoint at iteration {iteration} in {directory} was written without "
+            "pretraining data (ptx_coef 0) but this run mixes it in; resume with the same "
+            "config.ptx.coef or start a new workdir.")
+      ptx_iter.set_state(_unpack_iterator_state(saved_data["ptx"]))
+  return restore
+
+
 def restore_or_keep(checkpointer: checkpoint_lib.Checkpointer, state: ppo_state.PPOState,
                     prompt_iter, ptx_iter) -> tuple[ppo_state.PPOState, int]:
   """(state, iteration) from the newest checkpoint, iterators moved to where it stopped;
@@ -58,15 +75,8 @@ def restore_or_keep(checkpointer: checkpoint_lib.Checkpointer, state: ppo_state.
   if restored is None:
     return state, 0
   state, saved_data, _, iteration = restored
-  if saved_data:
-    prompt_iter.set_state(_unpack_iterator_state(saved_data["prompts"]))
-    if ptx_iter is not None:
-      if saved_data.get("ptx") is None:
-        raise ValueError(
-            f"checkpoint at iteration {iteration} in {checkpointer.directory} was written "
-            "without pretraining data (ptx_coef 0) but this run mixes it in; resume with "
-            "the same config.ptx.coef or start a new workdir.")
-      ptx_iter.set_state(_unpack_iterator_state(saved_data["ptx"]))
+  restore_iterators(prompt_iter, ptx_iter, checkpointer.directory)(saved_data,
+                                                                   int(iteration))
   return state, int(iteration)
 
 

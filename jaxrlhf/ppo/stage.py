@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import data_lib
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import model_lib
@@ -22,6 +21,7 @@ from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import scoring
+from jaxrlhf import stage_lib
 from jaxrlhf import train_lib
 from jaxrlhf.ppo import loop as loop_lib
 from jaxrlhf.ppo import rollout as rollout_lib
@@ -154,9 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Resumes from `workdir` by itself; writes metrics.jsonl/TensorBoard, exports the policy
   to <workdir>/hf and its EMA to <workdir>/hf_ema, and returns (and saves) a summary.
   """
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = models.load_tokenizer(config.tokenizer)
+  stage = stage_lib.Stage(config.get("stage", "ppo"), config, workdir, unit="iteration")
+  workdir, tokenizer = stage.workdir, stage.tokenizer
   settings = settings_from_config(config, tokenizer)
   updates = settings.updates_per_iteration
   use_ptx = settings.ptx_coef > 0
@@ -198,16 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"iterations of {config.batch_size} episodes, {updates} updates each")
   del sft_params, reward_params
 
-  checkpointer = checkpoint_lib.Checkpointer(
-      workdir / "checkpoints", save_every=config.checkpoint_every,
-      keep=config.keep_checkpoints)
-  state, start_iteration = loop_lib.restore_or_keep(checkpointer, state, prompt_iter, ptx_iter)
-  if start_iteration:
-    print(f"Resuming {config.get('stage', 'ppo')} from iteration {start_iteration} in "
-          f"{workdir}", flush=True)
-  writer = metrics_lib.MetricWriter(workdir)
-  if start_iteration == 0:
-    writer.write_config(config)
+  state = stage.resume(state, loop_lib.restore_iterators(prompt_iter, ptx_iter,
+                                                         workdir / "checkpoints"))
+  start_iteration, writer = stage.start_step, stage.writer
 
   # --- Pmapped functions ------------------------------------------------------------
   iteration_p = parallel.pmap_step(functools.partial(
@@ -239,26 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   rstate = parallel.replicate(state)
   del state
-  # Kept in the workdir so that a resumed run's summary still compares with it.
-  initial_eval_file = workdir / "initial_eval.json"
-  initial_eval = None
-  if start_iteration == 0 and config.eval_every:
-    initial_eval = eval_fn(rstate, 0)
-    writer.write_scalars(0, initial_eval)
-    if jax.process_index() == 0:
-      checkpoint_lib.save_json(initial_eval_file, initial_eval)
-  elif initial_eval_file.exists():
-    initial_eval = json.loads(initial_eval_file.read_text())
+  initial_eval = stage.initial_eval(
+      (lambda: eval_fn(rstate, 0)) if config.eval_every else None)
   result = train_lib.run_loop(
       rstate=rstate, step_fn=iteration_p,
       next_batch=loop_lib.iteration_batches(prompt_iter, ptx_iter, updates),
-      start_step=start_iteration, num_steps=config.num_iterations, checkpointer=checkpointer,
+      start_step=start_iteration, num_steps=config.num_iterations,
+      checkpointer=stage.checkpointer,
       writer=writer, eval_fn=eval_fn, eval_every=config.eval_every,
       desc=config.get("stage", "ppo"), **loop_lib.loop_settings(prompt_iter, ptx_iter))
-  checkpointer.close()
   if result.preempted:
-    writer.close()
-    return {"preempted": True, "iteration": result.step}
+    return stage.preempted(result)
 
   final_eval = None
   if result.eval_history and result.eval_history[-1]["iteration"] == result.step:
@@ -285,15 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "seconds": time.time() - t0,
   }
   host_state = parallel.unreplicate(result.state)
-  if jax.process_index() == 0:
-    for name, params in (("hf", host_state.policy.params), ("hf_ema", host_state.ema_params)):
-      models.save_pretrained(policy_model, params, str(workdir / name))
-      tokenizer.save_pretrained(str(workdir / name))
-    checkpoint_lib.save_json(workdir / "summary.json", summary)
   figures = {"score": summary["final_score"], "KL": summary["final_kl"]}
-  metrics_lib.console(
-      f"{config.get('stage', 'ppo')}: {metrics_lib.format_figures(figures)}; policy in "
-      f"{workdir / 'hf'} (EMA {workdir / 'hf_ema'}), summary in {workdir / 'summary.json'}")
-  parallel.sync_global_devices("ppo_export")
-  writer.close()
-  return summary
+  return stage.finish(summary, figures=figures, exports={
+      "hf": (policy_model, host_state.policy.params),
+      "hf_ema": (policy_model, host_state.ema_params)})

@@ -1,0 +1,113 @@
+"""The frame every training stage shares: the start and the end of a run.
+
+A stage file (`sft.py`, `reward_model.py`, `ppo/stage.py`) builds its data, model and
+steps, and leaves the rest to a `Stage`:
+
+  stage = stage_lib.Stage("sft", config, workdir)         # workdir, tokenizer
+  state = stage.resume(state, restore_data)                 # checkpoints, writer
+  initial = stage.initial_eval(lambda: evaluate(state))     # kept in the workdir
+  result = train_lib.run_loop(..., checkpointer=stage.checkpointer, writer=stage.writer)
+  if result.preempted: return stage.preempted(result)
+  return stage.finish(summary, exports={"hf": (model, params)}, figures={...})
+
+The evaluation before training is saved to `<workdir>/initial_eval.json`, so a run
+resumed from a checkpoint still reports it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import jax
+import ml_collections
+from etils import epath
+
+from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import metrics as metrics_lib
+from jaxrlhf import models
+from jaxrlhf import parallel
+
+INITIAL_EVAL_FILE = "initial_eval.json"
+
+
+class Stage:
+  """One run of a training stage in `workdir`: resumes by itself, exports at the end."""
+
+  def __init__(self, name: str, config: ml_collections.ConfigDict, workdir: str,
+               *, unit: str = "step"):
+    self.name, self.config, self.unit = name, config, unit
+    self.workdir = epath.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.tokenizer = models.load_tokenizer(config.tokenizer)
+    self.checkpointer: checkpoint_lib.Checkpointer | None = None
+    self.writer: metrics_lib.MetricWriter | None = None
+    self.start_step = 0
+
+  def resume(self, state: Any,
+             restore_data: Callable[[Any, int], None] | None = None) -> Any:
+    """Opens the checkpointer and the writer; returns the newest checkpoint's state (and
+    `restore_data(saved data state, step)` moves the data iterators to it), or `state`
+    on a fresh run, whose config is then logged."""
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        self.workdir / "checkpoints", save_every=self.config.checkpoint_every,
+        keep=self.config.keep_checkpoints)
+    restored = self.checkpointer.restore(state)
+    if restored is not None:
+      state, data_state, _, step = restored
+      self.start_step = int(step)
+      if restore_data is not None:
+        restore_data(data_state, self.start_step)
+      logging.info("Resumed %s from %s %d in %s", self.name, self.unit, self.start_step,
+                   self.workdir)
+      print(f"Resuming {self.name} from {self.unit} {self.start_step} in {self.workdir}",
+            flush=True)
+    self.writer = metrics_lib.MetricWriter(self.workdir)
+    if self.start_step == 0:
+      self.writer.write_config(self.config)
+    return state
+
+  def initial_eval(self, evaluate: Callable[[], dict] | None) -> dict | None:
+    """The evaluation before training: run (and kept) on a fresh run, read back on a
+    resumed one; None when `evaluate` is None or a resumed run never recorded one."""
+    path = self.workdir / INITIAL_EVAL_FILE
+    if self.start_step == 0:
+      if evaluate is None:
+        return None
+      metrics = evaluate()
+      self.writer.write_scalars(0, metrics)
+      if jax.process_index() == 0:
+        checkpoint_lib.save_json(path, metrics)
+      return metrics
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def preempted(self, result) -> dict:
+    """What a stage returns when SIGTERM stopped it: rerunning the command resumes."""
+    self.checkpointer.close()
+    self.writer.close()
+    return {"preempted": True, self.unit: result.step}
+
+  def finish(self, summary: dict, *, exports: Mapping[str, tuple[Any, Any]],
+             figures: Mapping[str, float | None],
+             extra_files: Mapping[str, dict] | None = None) -> dict:
+    """Writes each export (`<workdir>/<name>/`, model and tokenizer), any extra JSON files
+    (paths relative to the workdir) and `summary.json` on process 0, prints the stage's
+    result line, and waits for every process."""
+    self.checkpointer.close()
+    summary_file = self.workdir / "summary.json"
+    if jax.process_index() == 0:
+      for name, (model, params) in exports.items():
+        models.save_pretrained(model, params, str(self.workdir / name))
+        self.tokenizer.save_pretrained(str(self.workdir / name))
+      for relative, content in (extra_files or {}).items():
+        checkpoint_lib.save_json(self.workdir / relative, content)
+      checkpoint_lib.save_json(summary_file, summary)
+    where = ", ".join(f"{name} in {self.workdir / name}" for name in exports)
+    count = f"{self.unit}s"
+    steps = f"{summary[count]} {count}, " if count in summary else ""
+    metrics_lib.console(f"{self.name}: {steps}{metrics_lib.format_figures(figures)}; "
+                        f"{where}; summary in {summary_file}")
+    parallel.sync_global_devices(f"{self.name}_export")
+    self.writer.close()
+    return summary
