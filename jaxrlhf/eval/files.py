@@ -8,6 +8,7 @@ bad value is reported where a person can find it. Errors are `jaxrlhf.data.DataE
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Any, Iterator
@@ -28,6 +29,19 @@ def _read_text(path: str) -> str:
     line = raw[:e.start].count(b"\n") + 1
     raise DataError(f"not valid UTF-8 (byte {e.start})", source=Source(path, line),
                     reason="encoding") from None
+
+
+def _physical_lines(text: str) -> list[str]:
+  """The file's lines as a JSONL writer wrote them: split at "\n" (or "\r\n") only.
+
+  `str.splitlines` would also split at characters a JSON string may hold unescaped
+  (U+2028, U+0085, form feed, ...), cutting a valid record in two and numbering every
+  later line wrongly.
+  """
+  lines = text.split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _line_at(text: str, index: int) -> int:
@@ -75,7 +89,7 @@ def read_json_records(path: str) -> list[Record]:
     records = list(_json_array(path, text, len(text) - len(stripped)))
   else:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_physical_lines(text), start=1):
       if not line.strip():
         continue
       source = Source(path, number)
@@ -98,7 +112,8 @@ def read_table_records(path: str, *, delimiter: str, required: tuple[str, ...],
   A header that lacks a `required` column is reported on line 1 with the column's name.
   """
   text = _read_text(path)
-  reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+  # newline="": rows end at "\n", "\r\n" or "\r" only, as the csv module expects.
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
   try:
     header = next(reader)
   except StopIteration:
