@@ -108,4 +108,7 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
 
   flags.mark_flags_as_required(["config"])
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  # Without torch (a user's install), transformers' import advises on the console that its
+  # PyTorch models are unavailable; jaxrlhf uses only its tokenizers and config files.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   app.run(_main)

@@ -13,6 +13,8 @@ import sys
 from typing import Any, Iterable, Mapping
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# First on a child's PYTHONPATH: hides the test-only torch (tests/child_site/sitecustomize.py).
+CHILD_SITE = pathlib.Path(__file__).resolve().parent / "child_site"
 # A child that outlives this is stuck (a collective waiting for a peer): fail, don't hang.
 CHILD_TIMEOUT_S = 300
 
@@ -23,7 +25,8 @@ def child_env(num_devices: int, cache_dir: str | os.PathLike, *,
 
   Its compilation cache is the test session's (tests/conftest.py), else `cache_dir`. It
   compiles with the session's XLA flags (tests/conftest.py), or with XLA's defaults, as a
-  user's run does, when `session_xla_flags` is False.
+  user's run does, when `session_xla_flags` is False. It cannot import torch, which only
+  the tests install (tests/child_site/sitecustomize.py).
   """
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
@@ -39,7 +42,7 @@ def child_env(num_devices: int, cache_dir: str | os.PathLike, *,
       "TOKENIZERS_PARALLELISM": "false",
       "HF_HUB_OFFLINE": "1",
       "TRANSFORMERS_OFFLINE": "1",
-      "PYTHONPATH": str(REPO),
+      "PYTHONPATH": os.pathsep.join((str(CHILD_SITE), str(REPO))),
   })
   return env
 

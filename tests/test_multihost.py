@@ -66,12 +66,12 @@ def _runs(root):
   out = {"root": root, "outputs": {}}
   # One process x 4 devices; its SFT run also writes the world both topologies read.
   one("experiments.sft", "configs/sft.py:test", _sft(world), root / "one" / "sft")
-  out["outputs"]["sft"] = job("experiments.sft", "configs/sft.py:test", _sft(world),
-                              root / "two" / "sft").wait()
-  # The probe runs with the collectives' own order, to measure it against the fixed one.
-  out["outputs"]["probe"] = job("tests.shard_probe", "configs/sft.py:test",
-                                {"data.world_dir": world}, root / "two" / "probe",
-                                flags=(), use_env_vars=True).wait()
+  # Two processes x 2 devices, joined through the JAX_* environment variables: the data
+  # and collectives probe (both orders of one psum), then SFT in the same processes.
+  out["outputs"]["sft"] = job("tests.shard_probe", "configs/sft.py:test", _sft(world),
+                              root / "two" / "sft",
+                              flags=(FIXED_ORDER_FLAG, f"--probe_dir={root / 'two' / 'probe'}"),
+                              use_env_vars=True).wait()
 
   # SIGTERM to process 1 alone, once process 0 has logged a few steps: both must stop
   # at one agreed step, save, exit 0; the restart then finishes the run.
