@@ -14,6 +14,7 @@ import ml_collections
 from configs import pretrain as pretrain_config
 from configs import compare_policies as compare_config
 from configs import ppo as ppo_config
+from configs import rankings as rankings_config
 from configs import reward_model as rm_config
 from configs import sft as sft_config
 from jaxrlhf import config_lib
@@ -24,7 +25,7 @@ def get_config(arg=None):
   if variant not in ("tiny", "test"):
     raise ValueError(f"configs/instructgpt.py: unknown variant {variant!r}; use tiny or test")
   config = ml_collections.ConfigDict()
-  config.stages = ("pretrain", "sft", "reward_model", "ppo", "ppo_ptx",
+  config.stages = ("pretrain", "sft", "rankings", "reward_model", "ppo", "ppo_ptx",
                    "evaluate")  # Run in order.
   # Added to every training stage's own seed (init, data order, sampling); the world
   # (config.world.seed) and the evaluation's sampling and labeler noise stay fixed, so
@@ -34,6 +35,7 @@ def get_config(arg=None):
   config.world = config_lib.world_config(scale=0.002 if variant == "test" else 0.05)
   config.pretrain = pretrain_config.get_config(variant)
   config.sft = sft_config.get_config(variant)
+  config.rankings = rankings_config.get_config(variant)
   config.reward_model = rm_config.get_config(variant)
   config.ppo = ppo_config.get_config(variant)
   config.ppo.ptx.coef = 0.0  # Plain PPO.

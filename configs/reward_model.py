@@ -1,11 +1,13 @@
 r"""Reward model on K-way rankings (InstructGPT step 2).
 
 Embedded world (rankings sampled from the SFT policy, K = 4..9, ranked by the simulated
-labeler):
+labeler; configs/rankings.py collects them first):
   python -m experiments.reward_model --config=configs/reward_model.py:tiny \
-      --config.init_from=/tmp/run/sft/hf --workdir=/tmp/run/rm
+      --config.init_from=/tmp/run/sft/hf --config.data.rankings_dir=/tmp/run/rankings \
+      --workdir=/tmp/run/rm
   Expect held-out pairwise accuracy well above chance and approaching the two
-  simulated labelers' own agreement (~0.73), the ceiling for a model of one labeler.
+  simulated labelers' own agreement (in the rankings' summary.json), the ceiling for a
+  model of one labeler.
 
 Any rankings JSONL (K-way, chosen/rejected, or HH transcripts):
   python -m experiments.reward_model --config=configs/reward_model.py:gpt2 \
@@ -23,7 +25,7 @@ from jaxrlhf import optim
 def get_config(arg=None):
   variant = arg or "tiny"
   config = ml_collections.ConfigDict()
-  config.seed = 0  # Head init, dropout, data order and the world's sampling.
+  config.seed = 0  # Head init, dropout and data order.
   config.init_from = ""  # SFT (or any) Hugging Face dir; its unembedding is dropped.
   config.tokenizer = config_lib.world_tokenizer_dir()  # Local tokenizer directory.
   config.model = config_lib.model_preset("world")  # Used only when init_from is ''.
@@ -32,15 +34,13 @@ def get_config(arg=None):
   config.dropout_rate = 0.0  # Residual dropout.
 
   config.data = ml_collections.ConfigDict()
-  config.data.train_file = ""  # Rankings JSONL; '' = sample and rank the world's prompts.
-  config.data.valid_file = ""  # Held-out rankings JSONL (for pairwise accuracy).
+  config.data.train_file = ""  # Rankings JSONL (K-way, chosen/rejected or HH)...
+  config.data.valid_file = ""  # ...and held-out rankings (for pairwise accuracy).
+  config.data.rankings_dir = ""  # Or the rankings stage's workdir (experiments.rankings).
   config.data.demonstrations_file = ""  # Demonstrations that should score mean 0.
-  config.data.world = config_lib.world_config()  # The embedded world (files '').
+  config.data.world = config_lib.world_config()  # The world: its demonstrations where that is ''.
   config.data.world_dir = ""  # Where the world is; '' = <workdir>/world.
-  config.data.rankings_policy = ""  # Policy sampled for world rankings; '' = init_from.
-  config.data.k_min = 4  # Responses per world prompt, at least...
-  config.data.k_max = 9  # ...and at most (the paper: 4 to 9); also the padding K.
-  config.data.temperature = 1.0  # Sampling temperature for the world's responses.
+  config.data.k_max = 9  # Most responses a ranking may hold (the paper: 4 to 9); padding K.
   config.data.max_prompt_len = 32  # Prompt tokens kept (left-truncated).
   config.data.max_response_len = 16  # Response tokens incl. EOS (right-truncated).
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.

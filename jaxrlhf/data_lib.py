@@ -19,7 +19,6 @@ from etils import epath
 
 from jaxrlhf import parallel
 from jaxrlhf import data as data_pkg
-from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.data.world import world as world_lib
 
 
@@ -28,15 +27,15 @@ from jaxrlhf.data.world import world as world_lib
 # ---------------------------------------------------------------------------------------
 
 
-def world_dir(config: ml_collections.ConfigDict, workdir) -> epath.Path:
-  data = config.data
+def world_dir(data: ml_collections.ConfigDict, workdir) -> epath.Path:
+  """Where a stage's `data` section (its `world_dir`) puts the world: '' = <workdir>/world."""
   return epath.Path(data.world_dir) if data.get("world_dir") else epath.Path(workdir) / "world"
 
 
-def ensure_world(config: ml_collections.ConfigDict, workdir) -> epath.Path:
-  """Writes the world described by `config.data.world` unless it is already there."""
-  directory = world_dir(config, workdir)
-  world_config = world_lib.WorldConfig.from_dict(config.data.world.to_dict())
+def ensure_world(data: ml_collections.ConfigDict, workdir) -> epath.Path:
+  """Writes the world described by `data.world` unless it is already there."""
+  directory = world_dir(data, workdir)
+  world_config = world_lib.WorldConfig.from_dict(data.world.to_dict())
   marker = directory / "world.json"
   if jax.process_index() == 0:
     existing = json.loads(marker.read_text()) if marker.exists() else None
@@ -52,8 +51,8 @@ def ensure_world(config: ml_collections.ConfigDict, workdir) -> epath.Path:
   return directory
 
 
-def world_file(config, workdir, dataset: str, split: str) -> str:
-  return str(ensure_world(config, workdir) / dataset / f"{split}.jsonl")
+def world_file(data: ml_collections.ConfigDict, workdir, dataset: str, split: str) -> str:
+  return str(ensure_world(data, workdir) / dataset / f"{split}.jsonl")
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,16 +60,18 @@ def world_file(config, workdir, dataset: str, split: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+Lengths = data_pkg.Lengths
+
+
 def lengths_from_config(data: ml_collections.ConfigDict) -> data_pkg.Lengths:
   return data_pkg.Lengths(prompt=data.max_prompt_len, response=data.max_response_len,
                           text=data.get("max_seq_len", 64), k_max=data.get("k_max", 9))
 
 
-def read(kind: str, path: str, config: ml_collections.ConfigDict):
+def read(kind: str, path: str, *, skip_invalid: bool):
   """Parsed examples and their parse statistics; bad lines raise or are counted."""
   stats = data_pkg.DataStats()
-  examples = data_pkg.read_examples(kind, path, skip_invalid=config.data.skip_invalid,
-                                    stats=stats)
+  examples = data_pkg.read_examples(kind, path, skip_invalid=skip_invalid, stats=stats)
   if stats.num_skipped:
     stats.log_summary(f"{kind} {path}")
   if not examples:
@@ -162,28 +163,24 @@ class DeviceIterator:
     return self.loader.stats
 
 
-def lm_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageData:
-  """Pretraining text (stage 'pretrain') or demonstrations (stage 'sft')."""
-  pretrain = config.stage == "pretrain"
-  kind = "text" if pretrain else "demonstrations"
-  dataset = "pretrain" if pretrain else "sft"
-  train_path = config.data.train_file or world_file(config, workdir, dataset, "train")
-  valid_path = config.data.valid_file or world_file(config, workdir, dataset, "validation")
-  lengths = lengths_from_config(config.data)
-  per_device = parallel.check_batch_size(config.batch_size)
-  train, parse_stats = read(kind, train_path, config)
-  valid, _ = read(kind, valid_path, config)
+def lm_data(kind: str, tokenizer, *, train_file: str, valid_file: str,
+            lengths: data_pkg.Lengths, batch_size: int, shuffle_seed: int,
+            skip_invalid: bool, num_eval_batches: int = 0) -> StageData:
+  """Pretraining text (kind 'text') or demonstrations ('demonstrations'): a shuffled,
+  never-ending train iterator over `train_file` and cached batches of `valid_file`."""
+  per_device = parallel.check_batch_size(batch_size)
+  train, parse_stats = read(kind, train_file, skip_invalid=skip_invalid)
+  valid, _ = read(kind, valid_file, skip_invalid=skip_invalid)
   loader = data_pkg.make_loader(kind, train, tokenizer, lengths,
-                                per_device_batch_size=per_device,
-                                seed=config.data.shuffle_seed,
-                                skip_invalid=config.data.skip_invalid,
-                                parse_stats=parse_stats)
-  prompts = [] if pretrain else [ex.prompt for ex in valid[:8] if not ex.is_chat]
+                                per_device_batch_size=per_device, seed=shuffle_seed,
+                                skip_invalid=skip_invalid, parse_stats=parse_stats)
+  text = kind == "text"
+  prompts = [] if text else [ex.prompt for ex in valid[:8] if not ex.is_chat]
   return StageData(
       train_iter=DeviceIterator(loader), num_train_examples=len(train),
-      seq_len=lengths.text if pretrain else lengths.sequence,
+      seq_len=lengths.text if text else lengths.sequence,
       eval_batches=eval_loader_batches(kind, valid, tokenizer, lengths, per_device,
-                                       config.get("num_eval_batches", 0)),
+                                       num_eval_batches),
       sample_prompts=prompts, parse_stats=parse_stats)
 
 
@@ -220,109 +217,55 @@ def score_batches(tokenizer, pairs: list[tuple[str, str]], lengths: data_pkg.Len
 
 
 # ---------------------------------------------------------------------------------------
-# Rankings: from a file, or sampled from the SFT policy and ranked by the world's labeler.
+# Rankings: files of the user's, or the rankings stage's (jaxrlhf/rankings.py) output.
 # ---------------------------------------------------------------------------------------
 
 
-def distinct_comparisons(meta: dict, texts: list[str], stopped: list[bool]) -> list[tuple]:
-  """(meta, (a, stopped_a), (b, stopped_b)) for every pair of responses the labeler reads
-  as different: the pairs two labelers can disagree on."""
-  readings = [labeler_lib.reading(t, s) for t, s in zip(texts, stopped)]
-  return [(meta, (texts[i], stopped[i]), (texts[j], stopped[j]))
-          for i in range(len(texts)) for j in range(i + 1, len(texts))
-          if readings[i] != readings[j]]
-
-
-def build_world_rankings(config, tokenizer, workdir, out_dir: epath.Path) -> dict:
-  """Samples K (k_min..k_max) responses per RM prompt from the policy; the labeler ranks.
-
-  Deterministic given the seeds, so an interrupted stage rebuilds the same files.
-  Returns the measured agreement of two independent labelers on the validation pairs of
-  distinct responses (the labeler ties identical ones, and calibrates on distinct pairs).
-  """
-  from jaxrlhf import model_lib  # pylint: disable=g-import-not-at-top
-  from jaxrlhf import policy_lib  # pylint: disable=g-import-not-at-top
-
-  # Runs on process 0 alone (the caller syncs), so nothing here may be a collective:
-  # the world is already written and the sampler uses this process's devices only.
-  world_config = world_lib.WorldConfig.from_dict(config.data.world.to_dict())
-  labeler = world_config.labeler()
-  policy_dir = config.data.rankings_policy or config.init_from
-  if not policy_dir:
-    raise ValueError("the world's rankings are sampled from a policy: set "
-                     "config.data.rankings_policy (or config.init_from) to the SFT export.")
-  policy_config = ml_collections.ConfigDict(
-      {"init_from": policy_dir, "seed": config.seed, "dtype": "float32",
-       "param_dtype": "float32", "dropout_rate": 0.0})
-  model, params = model_lib.load_or_init("lm", policy_config, tokenizer, seq_len=8)
-  sampler = policy_lib.Sampler(
-      model, tokenizer, max_prompt_len=config.data.max_prompt_len,
-      max_new_tokens=config.data.max_response_len, temperature=config.data.temperature,
-      per_device_batch=64, devices=jax.local_devices())
-  rparams = parallel.replicate(params)
-  info = {}
-  for split in ("train", "validation"):
-    rm_file = world_dir(config, workdir) / "rm" / f"{split}.jsonl"
-    records = [json.loads(line) for line in rm_file.read_text().splitlines()]
-    rng = np.random.default_rng([config.seed, 7, 0 if split == "train" else 1])
-    ks = rng.integers(config.data.k_min, config.data.k_max + 1, size=len(records))
-    flat = [r["prompt"] for r, k in zip(records, ks) for _ in range(k)]
-    samples = sampler.sample(rparams, flat, jax.random.key(config.seed + 17 * len(split)))
-    out, comparisons, offset, empty_responses = [], [], 0, 0
-    for record, k in zip(records, ks.tolist()):
-      texts = samples.texts[offset:offset + k]
-      stopped = samples.stopped[offset:offset + k]
-      offset += k
-      # An empty response (stop token first) is no valid rankings line: counted, left out.
-      keep = [i for i, t in enumerate(texts) if t]
-      empty_responses += k - len(keep)
-      texts, stopped = [texts[i] for i in keep], [stopped[i] for i in keep]
-      k = len(texts)
-      meta = world_lib.task_meta(record)
-      ranks = labeler.rank(meta, texts, rng, stopped) if k >= 2 else [0] * k
-      out.append(world_lib.ranking_record(record, texts, ranks))
-      if split == "validation":
-        comparisons.extend(distinct_comparisons(meta, texts, stopped))
-    info[split] = world_lib.write_rankings(str(out_dir / f"{split}.jsonl"), out)
-    info[split]["skipped/empty_response"] = int(empty_responses)
-    if empty_responses:
-      logging.info("%s rankings: left out %d empty responses", split, empty_responses)
-    if split == "validation" and comparisons:
-      info["labeler_agreement"] = labeler_lib.measure_agreement(labeler, comparisons)
-  return info
+def ranking_files(data: ml_collections.ConfigDict) -> tuple[str, str, dict | None]:
+  """(train file, held-out file, the rankings stage's summary or None) of a reward-model
+  `data` section: its `train_file` and `valid_file`, or the `rankings_dir` a rankings
+  stage wrote (train.jsonl, validation.jsonl and summary.json)."""
+  if data.train_file:
+    if data.get("rankings_dir"):
+      raise ValueError("config.data.train_file and config.data.rankings_dir are both set; "
+                       "give one source of rankings.")
+    if not data.valid_file:
+      raise ValueError("config.data.valid_file: held-out rankings are needed for accuracy.")
+    return data.train_file, data.valid_file, None
+  if not data.get("rankings_dir"):
+    raise ValueError(
+        "config.data.train_file is empty and so is config.data.rankings_dir: give rankings "
+        "JSONL files (train_file and valid_file), or the directory that "
+        "`python -m experiments.rankings` wrote (the pipeline, experiments.instructgpt, "
+        "runs that stage before the reward model).")
+  directory = epath.Path(data.rankings_dir)
+  summary_file = directory / "summary.json"
+  if not summary_file.exists():
+    raise FileNotFoundError(
+        f"config.data.rankings_dir={data.rankings_dir!r}: no summary.json there (the "
+        "rankings stage writes it last; run or finish `python -m experiments.rankings`).")
+  return (str(directory / "train.jsonl"), str(directory / "validation.jsonl"),
+          json.loads(summary_file.read_text()))
 
 
 def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageData:
   lengths = lengths_from_config(config.data)
   per_device = parallel.check_batch_size(config.batch_size)
-  agreement = None
-  if config.data.train_file:
-    train_path, valid_path = config.data.train_file, config.data.valid_file
-    if not valid_path:
-      raise ValueError("config.data.valid_file: held-out rankings are needed for accuracy.")
-  else:
-    out_dir = epath.Path(workdir) / "rankings"
-    info_file = out_dir / "info.json"
-    ensure_world(config, workdir)  # on every process: it syncs them
-    if jax.process_index() == 0 and not info_file.exists():
-      info = build_world_rankings(config, tokenizer, workdir, out_dir)
-      info_file.write_text(json.dumps(info, indent=2))
-    parallel.sync_global_devices("rankings")
-    agreement = json.loads(info_file.read_text()).get("labeler_agreement")
-    train_path, valid_path = str(out_dir / "train.jsonl"), str(out_dir / "validation.jsonl")
-  train, parse_stats = read("rankings", train_path, config)
-  valid, _ = read("rankings", valid_path, config)
+  skip_invalid = config.data.skip_invalid
+  train_path, valid_path, collected = ranking_files(config.data)
+  train, parse_stats = read("rankings", train_path, skip_invalid=skip_invalid)
+  valid, _ = read("rankings", valid_path, skip_invalid=skip_invalid)
   loader = data_pkg.make_loader("rankings", train, tokenizer, lengths,
                                 per_device_batch_size=per_device,
                                 seed=config.data.shuffle_seed,
-                                skip_invalid=config.data.skip_invalid,
+                                skip_invalid=skip_invalid,
                                 parse_stats=parse_stats)
   demo_path = (config.data.demonstrations_file
-               or world_file(config, workdir, "sft", "train"))
+               or world_file(config.data, workdir, "sft", "train"))
   limit = config.normalize.max_sequences
 
   def demonstration_batches():
-    demos, _ = read("demonstrations", demo_path, config)
+    demos, _ = read("demonstrations", demo_path, skip_invalid=skip_invalid)
     pairs = [(d.prompt, d.response) for d in demos if not d.is_chat][:limit]
     return score_batches(tokenizer, pairs, lengths, per_device)
 
@@ -336,7 +279,7 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
       eval_batches=eval_loader_batches("rankings", valid, tokenizer, lengths, per_device,
                                        config.get("num_eval_batches", 0)),
       parse_stats=parse_stats,
-      extra={"labeler_agreement": agreement,
+      extra={"labeler_agreement": (collected or {}).get("labeler_agreement"),
              "demonstration_batches": demonstration_batches,
              "policy_sample_batches": policy_sample_batches})
 
@@ -354,10 +297,11 @@ def prompt_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageD
   """
   lengths = lengths_from_config(config.data)
   per_device = parallel.check_batch_size(config.batch_size)
-  train_path = config.data.train_file or world_file(config, workdir, "ppo", "train")
-  valid_path = config.data.valid_file or world_file(config, workdir, "ppo", "validation")
-  train, parse_stats = read("prompts", train_path, config)
-  valid, _ = read("prompts", valid_path, config)
+  train_path = config.data.train_file or world_file(config.data, workdir, "ppo", "train")
+  valid_path = (config.data.valid_file
+                or world_file(config.data, workdir, "ppo", "validation"))
+  train, parse_stats = read("prompts", train_path, skip_invalid=config.data.skip_invalid)
+  valid, _ = read("prompts", valid_path, skip_invalid=config.data.skip_invalid)
   loader = data_pkg.make_loader("prompts", train, tokenizer, lengths,
                                 per_device_batch_size=per_device,
                                 seed=config.data.shuffle_seed,

@@ -1,4 +1,5 @@
-"""The whole recipe in one run: pretrain -> SFT -> reward model -> PPO -> PPO-ptx -> evaluate.
+"""The whole recipe in one run: pretrain -> SFT -> rankings -> reward model -> PPO -> PPO-ptx
+-> evaluate.
 
 Each stage runs in its own sub-directory of the workdir and reads the previous stages'
 Hugging Face exports. A stage whose `summary.json` exists is skipped; an interrupted one
@@ -21,6 +22,7 @@ from etils import epath
 STAGES = {
     "pretrain": ("jaxrlhf.sft", "train_and_evaluate", None),
     "sft": ("jaxrlhf.sft", "train_and_evaluate", "pretrain"),
+    "rankings": ("jaxrlhf.rankings", "collect", "sft"),
     "reward_model": ("jaxrlhf.reward_model", "train_and_evaluate", "sft"),
     "ppo": ("jaxrlhf.ppo", "train_and_evaluate", "sft"),
     "ppo_ptx": ("jaxrlhf.ppo", "train_and_evaluate", "sft"),
@@ -41,8 +43,8 @@ def evaluate_config(config: ml_collections.ConfigDict,
   stage.few_shot.base = str(workdir / "pretrain" / "hf") if "pretrain" in config.stages else ""
   stage.reward_model = (str(workdir / "reward_model" / "hf")
                         if "reward_model" in config.stages else "")
-  stage.rankings_file = (str(workdir / "reward_model" / "rankings" / "validation.jsonl")
-                         if "reward_model" in config.stages else "")
+  stage.rankings_file = (str(workdir / "rankings" / "validation.jsonl")
+                         if "rankings" in config.stages else "")
   stage.world_dir = str(workdir / "world")
   stage.world = ml_collections.ConfigDict(config.world.to_dict())
   stage.report_dir = str(workdir)
@@ -64,8 +66,12 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
   if name.startswith("ppo"):
     stage.policy_init_from = str(workdir / parent / "hf")
     stage.reward_init_from = str(workdir / "reward_model" / "hf")
+  elif name == "rankings":
+    stage.policy = str(workdir / parent / "hf")
   elif parent is not None:
     stage.init_from = str(workdir / parent / "hf")
+  if name == "reward_model":
+    stage.data.rankings_dir = str(workdir / "rankings")
   return stage
 
 
@@ -106,7 +112,13 @@ def print_summary(summaries: dict, workdir) -> None:
     if name == "evaluate":
       continue
     first, last = s.get("initial_eval") or {}, s.get("final_eval") or {}
-    if "eval_accuracy" in last:
+    if name == "rankings":
+      agreement = s.get("labeler_agreement")
+      print(f"  {name:>13}: {s['train']['written']} training and "
+            f"{s['validation']['written']} held-out prompts, {s['k_min']} to {s['k_max']} "
+            f"answers each, ranked (two simulated labelers agree on "
+            f"{agreement if agreement is not None else nan:.3f} of distinct pairs)")
+    elif "eval_accuracy" in last:
       agreement = s.get("labeler_agreement")
       print(f"  {name:>13}: held-out pairwise accuracy {first.get('eval_accuracy', nan):.3f}"
             f" -> {last['eval_accuracy']:.3f} (two simulated labelers agree on "

@@ -47,39 +47,51 @@ def init_params(module, seq_len: int, seed: int):
   return jax.jit(module.init)(jax.random.key(seed), dummy)["params"]
 
 
-def load_or_init(kind: str, config: ml_collections.ConfigDict, tokenizer, *,
-                 seq_len: int):
+def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
+                 model: ml_collections.ConfigDict | None = None, seed: int = 0,
+                 dtype: str = "float32", param_dtype: str = "float32",
+                 dropout_rate: float = 0.0, field: str = "config.init_from"):
   """Returns (module, params) for kind 'lm' or 'scalar'.
 
-  `config.init_from` may name a Hugging Face directory (ours or transformers');
-  a causal LM's trunk initialises a scalar-head model, its unembedding dropped.
-  Empty `init_from` builds `config.model` from random weights.
+  `init_from` may name a Hugging Face directory (ours or transformers'); a causal LM's
+  trunk initialises a scalar-head model, its unembedding dropped, the new head drawn from
+  `seed`. Empty `init_from` builds `model` (a config's model section) from random
+  weights. `field` names the config field `init_from` came from, for errors.
   """
-  dtype = config.get("dtype", "float32")
-  param_dtype = config.get("param_dtype", "float32")
-  dropout = float(config.get("dropout_rate", 0.0))
-  init_from = config.get("init_from", "")
+  dropout = float(dropout_rate)
   if init_from:
     path = epath.Path(init_from)
     if not (path / "config.json").exists():
       raise FileNotFoundError(
-          f"config.init_from={init_from!r}: no config.json there (expected a Hugging "
+          f"{field}={init_from!r}: no config.json there (expected a Hugging "
           "Face directory, e.g. a previous stage's <workdir>/hf).")
     lm_or_scalar, params = models.from_pretrained(
         str(path), dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype))
     model_config = lm_or_scalar.config.replace(dropout_rate=dropout)
     if kind == "lm":
       if not isinstance(lm_or_scalar, models.CausalLM):
-        raise ValueError(f"config.init_from={init_from!r} holds a scalar-head model; "
+        raise ValueError(f"{field}={init_from!r} holds a scalar-head model; "
                          "a policy needs a causal LM.")
       return models.CausalLM(model_config), params
     module = models.ScalarHeadModel(model_config)
-    fresh = init_params(module, seq_len, config.seed)
+    fresh = init_params(module, seq_len, seed)
     if "score_head" in params:
       return module, params
     return module, {"transformer": params["transformer"], "score_head": fresh["score_head"]}
-  model_config = transformer_config(config.model, tokenizer, dtype=dtype,
+  if model is None:
+    raise ValueError(f"{field} is empty and no model section was given to initialise.")
+  model_config = transformer_config(model, tokenizer, dtype=dtype,
                                     param_dtype=param_dtype, dropout_rate=dropout)
   module = models.CausalLM(model_config) if kind == "lm" else models.ScalarHeadModel(
       model_config)
-  return module, init_params(module, seq_len, config.seed)
+  return module, init_params(module, seq_len, seed)
+
+
+def stage_model(kind: str, config: ml_collections.ConfigDict, tokenizer, *, seq_len: int):
+  """`load_or_init` with a training stage's own fields (init_from, model, seed, dtype,
+  param_dtype, dropout_rate), as SFT, pretraining and the reward model name them."""
+  return load_or_init(
+      kind, tokenizer, seq_len=seq_len, init_from=config.get("init_from", ""),
+      model=config.model, seed=config.seed, dtype=config.get("dtype", "float32"),
+      param_dtype=config.get("param_dtype", "float32"),
+      dropout_rate=config.get("dropout_rate", 0.0))

@@ -99,7 +99,8 @@ def _check_choice(cfg: ml_collections.ConfigDict, field: str, choices) -> None:
     )
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None) -> Schedule:
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None, *,
+                  updates_per_warmup_unit: int = 1) -> Schedule:
   """Learning rate as a function of the optimizer update count.
 
   - constant: `learning_rate` throughout.
@@ -112,10 +113,15 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None
     cfg: an optimizer section (see `default_optimizer_config`).
     total_steps: optimizer updates in the run (not microbatches); overrides
       `cfg.total_steps`. Only the cosine schedule needs it.
+    updates_per_warmup_unit: updates per unit of `cfg.warmup_iterations`, for a stage
+      that states its warm-up in iterations of several updates each (PPO; InstructGPT:
+      10 iterations); `warmup_steps` counts updates and is used when that is unset.
   """
   _check_choice(cfg, "schedule", SCHEDULES)
   peak = float(cfg.learning_rate)
   warmup_steps = int(cfg.get("warmup_steps", 0) or 0)
+  if cfg.get("warmup_iterations"):
+    warmup_steps = int(cfg.warmup_iterations) * int(updates_per_warmup_unit)
   init_lr = peak * float(cfg.get("warmup_init_fraction", 0.0))
 
   if cfg.schedule == "constant":
@@ -144,7 +150,8 @@ def _matrices_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    cfg: ml_collections.ConfigDict, total_steps: int | None = None
+    cfg: ml_collections.ConfigDict, total_steps: int | None = None, *,
+    updates_per_warmup_unit: int = 1,
 ) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds (optimizer, schedule) from an optimizer config section.
 
@@ -157,12 +164,13 @@ def make_optimizer(
   Args:
     cfg: an optimizer section (see `default_optimizer_config`).
     total_steps: optimizer updates in the run; see `make_schedule`.
+    updates_per_warmup_unit: see `make_schedule`.
 
   Returns:
     (gradient transformation, schedule): log `schedule(update_count)` as the lr.
   """
   _check_choice(cfg, "name", OPTIMIZERS)
-  schedule = make_schedule(cfg, total_steps)
+  schedule = make_schedule(cfg, total_steps, updates_per_warmup_unit=updates_per_warmup_unit)
 
   chain = []
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:

@@ -127,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = data_lib.num_train_steps(config, data.num_train_examples)
 
   # --- Model and state ----------------------------------------------------------------
-  model, params = model_lib.load_or_init("scalar", config, tokenizer, seq_len=data.seq_len)
+  model, params = model_lib.stage_model("scalar", config, tokenizer, seq_len=data.seq_len)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
   state = train_lib.create_train_state(model.apply, params, tx, config.seed)
   metrics_lib.console(
@@ -150,14 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   initial_eval = stage.initial_eval(lambda: evaluate_rankings(
       eval_step_p, parallel.replicate(state.params), data.eval_batches()))
-  result = train_lib.run_loop(
-      rstate=parallel.replicate(state), step_fn=train_step_p,
-      next_batch=train_lib.batches_from(data.train_iter,
-                                        lambda b: float(np.sum(b["pair_mask"]))),
-      num_steps=num_steps, checkpointer=stage.checkpointer, writer=writer,
-      log_every=config.log_every, eval_every=config.eval_every, eval_fn=eval_fn,
-      units_name="comparisons", desc="reward_model",
-      data_state_fn=data.train_iter.get_state, start_step=stage.start_step)
+  result = stage.train(state, train_step_p, data.train_iter,
+                       units=lambda b: float(np.sum(b["pair_mask"])),
+                       units_name="comparisons", num_steps=num_steps, eval_fn=eval_fn)
   if result.preempted:
     return stage.preempted(result)
 

@@ -62,6 +62,22 @@ def lm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
 # ---------------------------------------------------------------------------------------
 
 
+def stage_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> data_lib.StageData:
+  """The stage's text (pretraining) or demonstrations (SFT): `config.data`'s files, or
+  the embedded world's where they are empty."""
+  pretrain = config.stage == "pretrain"
+  dataset = "pretrain" if pretrain else "sft"
+  return data_lib.lm_data(
+      "text" if pretrain else "demonstrations", tokenizer,
+      train_file=(config.data.train_file
+                  or data_lib.world_file(config.data, workdir, dataset, "train")),
+      valid_file=(config.data.valid_file
+                  or data_lib.world_file(config.data, workdir, dataset, "validation")),
+      lengths=data_lib.lengths_from_config(config.data), batch_size=config.batch_size,
+      shuffle_seed=config.data.shuffle_seed, skip_invalid=config.data.skip_invalid,
+      num_eval_batches=config.get("num_eval_batches", 0))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains a causal LM on `config.data` (kind 'pretrain' or 'sft'); returns a summary."""
   stage = stage_lib.Stage(config.stage, config, workdir)
@@ -69,12 +85,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   per_device = parallel.check_batch_size(config.batch_size)
 
   # --- Data -------------------------------------------------------------------------
-  data = data_lib.lm_data(config, tokenizer, workdir)
+  data = stage_data(config, tokenizer, workdir)
   seq_len = data.seq_len
   num_steps = data_lib.num_train_steps(config, data.num_train_examples)
 
   # --- Model and state ----------------------------------------------------------------
-  model, params = model_lib.load_or_init("lm", config, tokenizer, seq_len=seq_len)
+  model, params = model_lib.stage_model("lm", config, tokenizer, seq_len=seq_len)
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
   state = train_lib.create_train_state(model.apply, params, tx, config.seed)
   metrics_lib.console(
@@ -108,14 +124,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   initial_eval = stage.initial_eval(lambda: scoring.evaluate_nll(
       eval_step_p, parallel.replicate(state.params), data.eval_batches()))
-  result = train_lib.run_loop(
-      rstate=parallel.replicate(state), step_fn=train_step_p,
-      next_batch=train_lib.batches_from(data.train_iter,
-                                        lambda b: float(np.sum(b["attention_mask"]))),
-      num_steps=num_steps, checkpointer=stage.checkpointer, writer=writer,
-      log_every=config.log_every, eval_every=config.eval_every, eval_fn=eval_fn,
-      units_name="tokens", desc=config.stage, data_state_fn=data.train_iter.get_state,
-      start_step=stage.start_step)
+  result = stage.train(state, train_step_p, data.train_iter,
+                       units=lambda b: float(np.sum(b["attention_mask"])),
+                       units_name="tokens", num_steps=num_steps, eval_fn=eval_fn)
   if result.preempted:
     return stage.preempted(result)
 

@@ -6,7 +6,7 @@ steps, and leaves the rest to a `Stage`:
   stage = stage_lib.Stage("sft", config, workdir)         # workdir, tokenizer
   state = stage.resume(state, restore_data)                 # checkpoints, writer
   initial = stage.initial_eval(lambda: evaluate(state))     # kept in the workdir
-  result = train_lib.run_loop(..., checkpointer=stage.checkpointer, writer=stage.writer)
+  result = stage.train(state, step_fn, data.train_iter, ...)  # or stage.loop(...) (PPO)
   if result.preempted: return stage.preempted(result)
   return stage.finish(summary, exports={"hf": (model, params)}, figures={...})
 
@@ -28,6 +28,7 @@ from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
+from jaxrlhf import train_lib
 
 INITIAL_EVAL_FILE = "initial_eval.json"
 
@@ -81,6 +82,24 @@ class Stage:
         checkpoint_lib.save_json(path, metrics)
       return metrics
     return json.loads(path.read_text()) if path.exists() else None
+
+  def loop(self, **kwargs):
+    """`train_lib.run_loop` with this stage's checkpointer, writer, start step and name."""
+    return train_lib.run_loop(checkpointer=self.checkpointer, writer=self.writer,
+                              start_step=self.start_step, desc=self.name, **kwargs)
+
+  def train(self, state: Any, step_fn: Callable, data_iter, *,
+            units: Callable[[dict], float], units_name: str, num_steps: int,
+            eval_fn: Callable[[Any, int], dict] | None):
+    """The loop of a stage that trains on one checkpointed data iterator (pretraining,
+    SFT, the reward model): `state` is replicated, `data_iter`'s position saved with each
+    checkpoint, and `units(batch)` counted for throughput; logging and evaluation every
+    `config.log_every` and `config.eval_every` steps."""
+    return self.loop(rstate=parallel.replicate(state), step_fn=step_fn,
+                     next_batch=train_lib.batches_from(data_iter, units),
+                     num_steps=num_steps, log_every=self.config.log_every,
+                     eval_every=self.config.eval_every, eval_fn=eval_fn,
+                     units_name=units_name, data_state_fn=data_iter.get_state)
 
   def preempted(self, result) -> dict:
     """What a stage returns when SIGTERM stopped it: rerunning the command resumes."""

@@ -25,7 +25,7 @@ _PROBE_DIR = flags.DEFINE_string("probe_dir", None, "Where the probe writes.", r
 
 def probe(config, workdir):
   tokenizer = models.load_tokenizer(config.tokenizer)
-  sft_loader = data_lib.lm_data(config, tokenizer, workdir).train_iter.loader
+  sft_loader = sft.stage_data(config, tokenizer, workdir).train_iter.loader
   prompts = ppo_config.get_config("test")
   prompts.data.world_dir = config.data.world_dir
   prompt_loader = data_lib.prompt_data(prompts, tokenizer, workdir).train_iter

@@ -19,25 +19,11 @@ import pytest
 
 from jaxrlhf import models
 from tests import background
+from tests import rankings_files
 from tests import subprocess_utils as sp
 
 SEED = 20260  # of the kill points; printed with each trial
 TRIALS = []   # (stage, what, step, outcome): printed by the last test
-
-
-def _rankings(world, path, n, rng):
-  """A K-way rankings JSONL over the world's RM prompts (responses from demonstrations)."""
-  prompts = [json.loads(line)["prompt"] for line in
-             (world / "rm" / "train.jsonl").read_text().splitlines()]
-  words = " ".join(json.loads(line)["response"] for line in
-                   (world / "sft" / "train.jsonl").read_text().splitlines()).split()
-  with open(path, "w") as f:
-    for i in range(n):
-      k = int(rng.integers(2, 5))
-      responses = [" ".join(rng.choice(words, size=int(rng.integers(1, 6)))) for _ in range(k)]
-      ranks = rng.permutation(k).tolist()
-      f.write(json.dumps({"prompt": prompts[i % len(prompts)], "responses": responses,
-                          "ranks": ranks}) + "\n")
 
 
 STAGES = {
@@ -57,8 +43,8 @@ def _setup(root):
   world_lib.write_world(world_lib.WorldConfig.from_dict(
       sft_config.get_config("test").data.world.to_dict()), str(world))
   rng = np.random.default_rng(0)
-  _rankings(world, root / "rank_train.jsonl", 48, rng)
-  _rankings(world, root / "rank_valid.jsonl", 8, rng)
+  rankings_files.write_rankings(world, root / "rank_train.jsonl", 48, rng)
+  rankings_files.write_rankings(world, root / "rank_valid.jsonl", 8, rng)
   return {"root": root, "world": world, "cache": root / "jax_cache"}
 
 

@@ -5,6 +5,7 @@ written by process 0 alone. Every run is a child process, in the background from
 start of the session (tests/background.py)."""
 
 import json
+import pathlib
 import re
 import signal
 import time
@@ -16,6 +17,7 @@ import pytest
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from tests import background
+from tests import rankings_files
 from tests import subprocess_utils as sp
 
 # Both topologies run with parallel.fixed_reduction_order: every cross-device sum adds the
@@ -86,17 +88,17 @@ def _runs(root):
   out["outputs"]["sft_resumed"] = job("experiments.sft", "configs/sft.py:test",
                                       _sft(world), preempted).wait()
 
-  # The reward model starts from the two-process SFT export in both topologies. The
-  # two-process run samples the world's rankings (on process 0); the one-process run
-  # trains on those very files.
+  # The reward model starts from the two-process SFT export in both topologies and
+  # trains on the same rankings files.
   policy = str(root / "two" / "sft" / "hf")
-  out["outputs"]["rm"] = job("experiments.reward_model", "configs/reward_model.py:test",
-                             _rm(world, policy), root / "two" / "rm").wait()
-  rankings = root / "two" / "rm" / "rankings"
-  one("experiments.reward_model", "configs/reward_model.py:test",
-      _rm(world, policy) | {"data.train_file": str(rankings / "train.jsonl"),
-                            "data.valid_file": str(rankings / "validation.jsonl")},
-      root / "one" / "rm")
+  rng = np.random.default_rng(0)
+  rankings_files.write_rankings(pathlib.Path(world), root / "rank_train.jsonl", 32, rng)
+  rankings_files.write_rankings(pathlib.Path(world), root / "rank_valid.jsonl", 8, rng)
+  rm = _rm(world, policy) | {"data.train_file": str(root / "rank_train.jsonl"),
+                             "data.valid_file": str(root / "rank_valid.jsonl")}
+  out["outputs"]["rm"] = job("experiments.reward_model", "configs/reward_model.py:test", rm,
+                             root / "two" / "rm").wait()
+  one("experiments.reward_model", "configs/reward_model.py:test", rm, root / "one" / "rm")
 
   reward = str(root / "two" / "rm" / "hf")
   out["outputs"]["ppo"] = job("experiments.ppo", "configs/ppo.py:test",

@@ -84,18 +84,24 @@ def test_reward_model_learns_rankings_and_is_normalised(chain):
 
 
 def test_rankings_keep_every_prompt_whole(chain):
-  lines = (chain["root"] / "reward_model" / "rankings" / "train.jsonl").read_text().splitlines()
+  # The pipeline's own stage: <root>/rankings, read by the reward model from there.
+  rankings_dir = chain["root"] / "rankings"
+  lines = (rankings_dir / "train.jsonl").read_text().splitlines()
   records = [json.loads(line) for line in lines]
   r = chain["rm_config"]
-  # K sampled in k_min..k_max; empty samples are left out (and counted in info.json).
-  assert all(2 <= len(x["responses"]) <= r.data.k_max for x in records)
+  collected = chain["rankings"]
+  assert collected == json.loads((rankings_dir / "summary.json").read_text())
+  assert collected["policy"] == str(chain["root"] / "sft" / "hf")
+  assert collected["k_max"] <= r.data.k_max  # the reward model pads K to its k_max
+  # K sampled in k_min..k_max; empty samples are left out (and counted in summary.json).
+  assert all(2 <= len(x["responses"]) <= collected["k_max"] for x in records)
+  assert sum(len(x["responses"]) for x in records) > (collected["k_min"] - 1) * len(records)
   assert all(len(x["responses"]) == len(x["ranks"]) for x in records)
-  info = json.loads((chain["root"] / "reward_model" / "rankings" / "info.json").read_text())
-  assert info["train"]["written"] == len(records)
+  assert collected["train"]["written"] == len(records)
+  assert chain["rm"]["labeler_agreement"] == collected["labeler_agreement"]
   # One loader element holds every response and every comparison of one prompt.
   from jaxrlhf import data
-  examples = data.read_examples("rankings", str(chain["root"] / "reward_model" / "rankings"
-                                               / "train.jsonl"))
+  examples = data.read_examples("rankings", str(rankings_dir / "train.jsonl"))
   tokenizer = models.load_tokenizer(r.tokenizer)
   loader = data.make_loader("rankings", examples, tokenizer,
                             data.Lengths(prompt=16, response=8, k_max=r.data.k_max),
@@ -124,11 +130,22 @@ def test_config_errors_name_the_problem(chain, tmp_path):
   c.data.world_dir = chain["world_dir"]
   with pytest.raises(ValueError, match="mamba"):
     sft.train_and_evaluate(c, str(tmp_path / "c"))
+  # No rankings given: an error naming the fields, not rankings sampled on the quiet.
+  from configs import reward_model as rm_config  # pylint: disable=g-import-not-at-top
+  from jaxrlhf import reward_model  # pylint: disable=g-import-not-at-top
+  c = rm_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  with pytest.raises(ValueError, match="config.data.train_file is empty and so is "
+                                       "config.data.rankings_dir"):
+    reward_model.train_and_evaluate(c, str(tmp_path / "d"))
+  c.data.rankings_dir = str(tmp_path / "no_rankings_here")
+  with pytest.raises(FileNotFoundError, match="no_rankings_here.*no summary.json"):
+    reward_model.train_and_evaluate(c, str(tmp_path / "e"))
 
 
 def test_every_stage_left_checkpoints_and_an_export(chain):
   for stage in instructgpt.STAGES:
-    if stage == "evaluate":  # trains nothing; tests/eval/test_preference.py checks it
+    if stage in ("rankings", "evaluate"):  # train nothing; checked on their own
       continue
     stage_dir = chain["root"] / stage
     assert (stage_dir / "summary.json").exists(), stage

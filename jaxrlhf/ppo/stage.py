@@ -74,25 +74,6 @@ def ptx_batch_size(config: ml_collections.ConfigDict) -> int:
   return size
 
 
-def _optimizer_section(section: ml_collections.ConfigDict,
-                       updates_per_iteration: int) -> ml_collections.ConfigDict:
-  """A copy of an optimizer section with warm-up counted in updates.
-
-  PPO states its warm-up in iterations (InstructGPT: 10); the optimizer counts updates.
-  """
-  derived = ml_collections.ConfigDict(section.to_dict())
-  if section.get("warmup_iterations"):
-    derived.warmup_steps = int(section.warmup_iterations) * updates_per_iteration
-  return derived
-
-
-def _model_section(config: ml_collections.ConfigDict, init_from: str, seed: int):
-  """The fields model_lib.load_or_init reads, for the policy or the reward model."""
-  return ml_collections.ConfigDict(dict(
-      init_from=init_from, model=config.model.to_dict(), seed=seed, dtype=config.dtype,
-      param_dtype=config.param_dtype, dropout_rate=0.0))
-
-
 def _require_score_head(path: str) -> None:
   config_file = epath.Path(path) / models.hf.CONFIG_FILE
   if not config_file.exists():
@@ -104,18 +85,6 @@ def _require_score_head(path: str) -> None:
   if not (hf.get(models.hf.SCORE_HEAD_KEY) or classifier):
     raise ValueError(f"config.reward_init_from={path!r} holds a causal LM, not a reward "
                      f"model ({config_file} has no {models.hf.SCORE_HEAD_KEY!r} flag).")
-
-
-def _pretrain_data_config(config: ml_collections.ConfigDict, batch_size: int):
-  """A pretraining-stage view of config.ptx for data_lib.lm_data (same world as the
-  prompts, so both read one <workdir>/world)."""
-  data = dict(config.ptx.data.to_dict(), world=config.data.world.to_dict(),
-              world_dir=config.data.world_dir, skip_invalid=config.data.skip_invalid,
-              max_prompt_len=config.data.max_prompt_len,
-              max_response_len=config.data.max_response_len)
-  return ml_collections.ConfigDict(dict(
-      stage="pretrain", seed=config.seed, data=data, batch_size=batch_size,
-      num_eval_batches=config.ptx.num_eval_batches))
 
 
 def _take(iterable, n: int):
@@ -166,26 +135,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # measures the "alignment tax" with or without ptx.
   pretrain_data = None
   if use_ptx or config.ptx.eval_nll:
-    pretrain_data = data_lib.lm_data(_pretrain_data_config(config, ptx_batch_size(config)),
-                                     tokenizer, workdir)
+    ptx = config.ptx
+    pretrain_data = data_lib.lm_data(
+        "text", tokenizer,
+        train_file=(ptx.data.train_file
+                    or data_lib.world_file(config.data, workdir, "pretrain", "train")),
+        valid_file=(ptx.data.valid_file
+                    or data_lib.world_file(config.data, workdir, "pretrain", "validation")),
+        lengths=data_lib.Lengths(prompt=config.data.max_prompt_len,
+                                 response=config.data.max_response_len,
+                                 text=ptx.data.max_seq_len),
+        batch_size=ptx_batch_size(config), shuffle_seed=ptx.data.shuffle_seed,
+        skip_invalid=config.data.skip_invalid, num_eval_batches=ptx.num_eval_batches)
   prompt_iter = prompt_data.train_iter
   ptx_iter = pretrain_data.train_iter if use_ptx else None
 
   # --- Models and state -------------------------------------------------------------
   seq_len = config.data.max_prompt_len + settings.max_new_tokens
+  # Dropout off in both: the policy's log-probabilities must be those it sampled with.
   policy_model, sft_params = model_lib.load_or_init(
-      "lm", _model_section(config, config.policy_init_from, config.seed), tokenizer,
-      seq_len=seq_len)
+      "lm", tokenizer, seq_len=seq_len, init_from=config.policy_init_from,
+      model=config.model, seed=config.seed, dtype=config.dtype,
+      param_dtype=config.param_dtype, field="config.policy_init_from")
   if config.reward_init_from:
     _require_score_head(config.reward_init_from)
   value_model, reward_params = model_lib.load_or_init(
-      "scalar", _model_section(config, config.reward_init_from, config.seed + 1), tokenizer,
-      seq_len=seq_len)
+      "scalar", tokenizer, seq_len=seq_len, init_from=config.reward_init_from,
+      model=config.model, seed=config.seed + 1, dtype=config.dtype,
+      param_dtype=config.param_dtype, field="config.reward_init_from")
   total_updates = config.num_iterations * updates
+  # Warm-up is stated in iterations (InstructGPT: 10); the optimizer counts updates.
   policy_tx, policy_schedule = optim.make_optimizer(
-      _optimizer_section(config.policy_optimizer, updates), total_updates)
+      config.policy_optimizer, total_updates, updates_per_warmup_unit=updates)
   value_tx, value_schedule = optim.make_optimizer(
-      _optimizer_section(config.value_optimizer, updates), total_updates)
+      config.value_optimizer, total_updates, updates_per_warmup_unit=updates)
   state = ppo_state.create_ppo_state(
       policy_model=policy_model, sft_params=sft_params, value_model=value_model,
       reward_params=reward_params, policy_tx=policy_tx, value_tx=value_tx,
@@ -233,13 +216,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   del state
   initial_eval = stage.initial_eval(
       (lambda: eval_fn(rstate, 0)) if config.eval_every else None)
-  result = train_lib.run_loop(
+  result = stage.loop(
       rstate=rstate, step_fn=iteration_p,
       next_batch=loop_lib.iteration_batches(prompt_iter, ptx_iter, updates),
-      start_step=start_iteration, num_steps=config.num_iterations,
-      checkpointer=stage.checkpointer,
-      writer=writer, eval_fn=eval_fn, eval_every=config.eval_every,
-      desc=config.get("stage", "ppo"), **loop_lib.loop_settings(prompt_iter, ptx_iter))
+      num_steps=config.num_iterations, eval_fn=eval_fn, eval_every=config.eval_every,
+      **loop_lib.loop_settings(prompt_iter, ptx_iter))
   if result.preempted:
     return stage.preempted(result)
 

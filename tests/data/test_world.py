@@ -178,11 +178,11 @@ def test_responses_that_read_the_same_get_one_rating_and_tie():
 
 
 def test_rankings_agreement_is_measured_on_distinct_pairs_only():
-  from jaxrlhf import data_lib
+  from jaxrlhf import rankings
   meta = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
   texts = ["c b a", "c b a <pad>", "a", "c b a", "a"]
   stopped = [True, True, True, False, True]
-  pairs = data_lib.distinct_comparisons(meta, texts, stopped)
+  pairs = rankings.distinct_comparisons(meta, texts, stopped)
   # 10 pairs; the same reading: (0, 1) and (2, 4). "c b a" unstopped differs from stopped.
   assert len(pairs) == 8
   assert all(labeler_lib.reading(*a) != labeler_lib.reading(*b) for _, a, b in pairs)
