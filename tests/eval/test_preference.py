@@ -16,6 +16,10 @@ from jaxrlhf.data import formats
 from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.data.world import tasks
 from jaxrlhf.data.world import tokenizer as world_tokenizer
+from jaxrlhf.eval import generation
+from jaxrlhf.eval import judging
+from jaxrlhf.eval import policy_inputs
+from jaxrlhf.eval import policy_runs
 from jaxrlhf.eval import preference
 from jaxrlhf.eval import report
 
@@ -27,36 +31,36 @@ from jaxrlhf.eval import report
 
 def test_win_rate_counts_ties_half_with_the_normal_interval():
   outcomes = [1, 1, 0.5, 0, 1, 0.5, 0, 1]
-  result = preference.win_rate(outcomes)
+  result = judging.win_rate(outcomes)
   assert result["win_rate"] == pytest.approx(5 / 8)
   half = 1.959964 * np.std(outcomes, ddof=1) / math.sqrt(8)
   np.testing.assert_allclose(result["ci95"], [5 / 8 - half, 5 / 8 + half], rtol=1e-6)
   assert (result["wins"], result["ties"], result["losses"], result["n"]) == (4, 2, 2, 8)
-  assert preference.win_rate([1.0, 1.0, 1.0])["ci95"] == [1.0, 1.0]
+  assert judging.win_rate([1.0, 1.0, 1.0])["ci95"] == [1.0, 1.0]
 
 
 def test_score_outcomes_compare_with_the_baseline():
-  np.testing.assert_array_equal(preference.score_outcomes([1.0, 2.0, 3.0], [2.0, 2.0, 1.0]),
+  np.testing.assert_array_equal(judging.score_outcomes([1.0, 2.0, 3.0], [2.0, 2.0, 1.0]),
                                 [0.0, 0.5, 1.0])
 
 
 def test_policies_parse_in_order_and_bad_items_are_named():
-  assert list(preference.parse_policies("sft=/a, ppo=/b,ptx=/c")) == ["sft", "ppo", "ptx"]
+  assert list(policy_inputs.parse_policies("sft=/a, ppo=/b,ptx=/c")) == ["sft", "ppo", "ptx"]
   with pytest.raises(ValueError, match="'ppo' is not name=path"):
-    preference.parse_policies("sft=/a,ppo")
+    policy_inputs.parse_policies("sft=/a,ppo")
   with pytest.raises(ValueError, match="appears twice"):
-    preference.parse_policies("sft=/a,sft=/b")
+    policy_inputs.parse_policies("sft=/a,sft=/b")
 
 
 def test_few_shot_prefix_shows_examples_closed_by_the_stop_token():
   demos = [formats.Demonstration(prompt=f"add : {i} 1 ->", response=str(i + 1))
            for i in range(8)]
-  prefix = preference.few_shot_prefix(demos, 3, "<eos>", seed=0)
+  prefix = policy_inputs.few_shot_prefix(demos, 3, "<eos>", seed=0)
   assert prefix.count("<eos>") == 3 and prefix.count("->") == 3
-  assert prefix == preference.few_shot_prefix(demos, 3, "<eos>", seed=0)
-  assert prefix != preference.few_shot_prefix(demos, 3, "<eos>", seed=1)
+  assert prefix == policy_inputs.few_shot_prefix(demos, 3, "<eos>", seed=0)
+  assert prefix != policy_inputs.few_shot_prefix(demos, 3, "<eos>", seed=1)
   with pytest.raises(ValueError, match="9 examples wanted, 8 available"):
-    preference.few_shot_prefix(demos, 9, "<eos>", seed=0)
+    policy_inputs.few_shot_prefix(demos, 9, "<eos>", seed=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ def _metas(n, seed=0):
 
 def _run(name, texts, stopped=True):
   n = len(texts)
-  return preference.PolicyRun(
+  return policy_runs.PolicyRun(
       name=name, path="", few_shot=False, texts=list(texts),
       stopped=np.full(n, stopped), lengths=np.ones(n), response_ids=np.zeros((n, 1)),
       response_mask=np.ones((n, 1)))
@@ -79,25 +83,25 @@ def _run(name, texts, stopped=True):
 
 def test_exact_correctness_reads_the_answer_like_the_labeler():
   meta = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
-  assert preference.exact_correct(meta, "c b a", True)
-  assert preference.exact_correct(meta, "c b a . hope this helps", True)  # filler: still right
-  assert not preference.exact_correct(meta, "c b", True)
-  assert not preference.exact_correct(meta, "done c b a", True)
+  assert judging.exact_correct(meta, "c b a", True)
+  assert judging.exact_correct(meta, "c b a . hope this helps", True)  # filler: still right
+  assert not judging.exact_correct(meta, "c b", True)
+  assert not judging.exact_correct(meta, "done c b a", True)
   assert labeler_lib.answer_words("c b a <eos> x") == ["c", "b", "a"]
 
 
 def test_task_table_gives_gold_answers_full_marks_per_instruction():
   metas = _metas(40)
   gold = _run("gold", [" ".join(tasks.answer(m)) for m in metas])
-  table = preference.task_table(metas, gold)
+  table = judging.task_table(metas, gold)
   assert table["likert"] == 7.0 and table["exact_correct"] == 1.0
   assert sorted(table["per_task"]) == sorted(tasks.TASKS)
   assert sum(cell["n"] for cell in table["per_task"].values()) == 40
   assert table["quality_terms"] == dict.fromkeys(labeler_lib.WEIGHTS, 1.0)
   wrong = _run("wrong", ["done"] * 40)
-  assert preference.task_table(metas, wrong)["likert"] == 1.0
+  assert judging.task_table(metas, wrong)["likert"] == 1.0
   chatty = _run("chatty", [" ".join(tasks.answer(m)) + " . hope this helps" for m in metas])
-  terms = preference.task_table(metas, chatty)["quality_terms"]
+  terms = judging.task_table(metas, chatty)["quality_terms"]
   assert terms["correct"] == 1.0 and terms["concise"] == 0.0
 
 
@@ -115,9 +119,9 @@ def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
   tokenizer = models.load_tokenizer(world_tokenizer.world_tokenizer_dir())
   model = models.ScalarHeadModel(models.TransformerConfig.tiny(vocab_size=len(tokenizer)))
   params = models.init_params(model, jax.random.key(0))
-  check = preference.reward_model_check(str(path), model, params, tokenizer,
-                                        max_prompt_len=8, max_response_len=8,
-                                        per_device_batch_size=2)
+  check = judging.reward_model_check(str(path), model, params, tokenizer,
+                                     max_prompt_len=8, max_response_len=8,
+                                     per_device_batch_size=2)
   assert check["pairs"] == 6 and check["untied_rank_pairs"] == 6
   assert check["ranks_vs_noiseless"] == 0.5
   assert check["rm_vs_noiseless"] in {i / 6 for i in range(7)}
@@ -128,8 +132,8 @@ def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
   del records[0]["task"]
   formats.write_jsonl(str(path), records)
   with pytest.raises(ValueError, match=r"rankings.jsonl:1: field 'task' missing"):
-    preference.reward_model_check(str(path), model, params, tokenizer, max_prompt_len=8,
-                                  max_response_len=8, per_device_batch_size=2)
+    judging.reward_model_check(str(path), model, params, tokenizer, max_prompt_len=8,
+                               max_response_len=8, per_device_batch_size=2)
 
 
 def test_best_of_n_picks_by_reward_model_and_by_labeler():
@@ -143,7 +147,7 @@ def test_best_of_n_picks_by_reward_model_and_by_labeler():
   # the reward model prefers the wrong answers, the labeler the right ones
   for c, score in zip(candidates, (1.0, 0.0, 0.5)):
     c.rm_scores = np.full(len(metas), score)
-  table = preference.best_of_n(candidates, metas, labeler, baseline, seed=0)
+  table = judging.best_of_n(candidates, metas, labeler, baseline, seed=0)
   assert table["n"] == [1, 2]  # powers of two up to the 3 candidates
   assert table["kl_bound"] == [0.0, pytest.approx(math.log(2) - 0.5)]
   assert table["labeler"][0] == table["reward_model"][0]  # n=1: same pick, same verdicts
@@ -153,9 +157,9 @@ def test_best_of_n_picks_by_reward_model_and_by_labeler():
   assert table["labeler"][1]["win_rate"] > table["reward_model"][1]["win_rate"] + 0.3
   for c in candidates:
     c.rm_scores = None
-  assert "reward_model" not in preference.best_of_n(candidates, metas, labeler, baseline, 0)
+  assert "reward_model" not in judging.best_of_n(candidates, metas, labeler, baseline, 0)
   with pytest.raises(ValueError, match="at least one candidate"):
-    preference.best_of_n([], metas, labeler, baseline, 0)
+    judging.best_of_n([], metas, labeler, baseline, 0)
 
 
 def test_reference_answers_bound_what_dropping_filler_wins():
@@ -164,11 +168,11 @@ def test_reference_answers_bound_what_dropping_filler_wins():
   wrong_chatty = _run("sft", [" ".join(tasks.corrupt(m, tasks.answer(m),
                                                      np.random.default_rng(i))) + " . ok"
                               for i, m in enumerate(metas)])
-  ref = preference.reference_answers(metas, labeler, wrong_chatty, seed=0)
+  ref = judging.reference_answers(metas, labeler, wrong_chatty, seed=0)
   assert ref["baseline_without_extra"]["win_rate"] > 0.6  # filler cut: rated higher
   assert ref["right_answer"]["win_rate"] > ref["baseline_without_extra"]["win_rate"]
   never_stops = _run("sft", [" ".join(tasks.answer(m)) for m in metas], stopped=False)
-  ref = preference.reference_answers(metas, labeler, never_stops, seed=0)
+  ref = judging.reference_answers(metas, labeler, never_stops, seed=0)
   # the trimmed answer is read as stopped (unchanged it would win only half the time)
   assert ref["baseline_without_extra"]["win_rate"] > 0.75
 
@@ -176,13 +180,13 @@ def test_reference_answers_bound_what_dropping_filler_wins():
 def test_pair_difference_separates_what_an_answer_says_from_how_it_ends():
   meta = {"task": "sort", "items": ["c", "a", "b"], "arg": None}
   right = labeler_lib.quality_terms(meta, "a b c")
-  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "a c b")) == "content"
-  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "a b c . ok")) == "form"
-  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "b a c . ok")) == "both"
-  assert preference.pair_difference(right, labeler_lib.quality_terms(meta, "a b c",
+  assert judging.pair_difference(right, labeler_lib.quality_terms(meta, "a c b")) == "content"
+  assert judging.pair_difference(right, labeler_lib.quality_terms(meta, "a b c . ok")) == "form"
+  assert judging.pair_difference(right, labeler_lib.quality_terms(meta, "b a c . ok")) == "both"
+  assert judging.pair_difference(right, labeler_lib.quality_terms(meta, "a b c",
                                                                      stopped=False)) == "form"
   with pytest.raises(ValueError, match="equal quality terms"):
-    preference.pair_difference(right, right)
+    judging.pair_difference(right, right)
 
 
 def test_labeler_prefers_right_answers_and_ties_identical_ones():
@@ -192,10 +196,10 @@ def test_labeler_prefers_right_answers_and_ties_identical_ones():
   rng = np.random.default_rng(2)
   slipped = _run("slipped", [" ".join(tasks.corrupt(m, tasks.answer(m), rng)) + " . ok"
                              for m in metas])
-  better = preference.win_rate(preference.labeler_outcomes(labeler, metas, gold, slipped, 0))
+  better = judging.win_rate(judging.labeler_outcomes(labeler, metas, gold, slipped, 0))
   assert better["ci95"][0] > 0.8
-  same = preference.win_rate(preference.labeler_outcomes(labeler, metas, gold,
-                                                         _run("copy", gold.texts), 0))
+  same = judging.win_rate(judging.labeler_outcomes(labeler, metas, gold,
+                                                   _run("copy", gold.texts), 0))
   # The same answer twice is one answer to the labeler: every prompt a tie.
   assert same["win_rate"] == 0.5 and same["ties"] == same["n"] == len(metas)
 
@@ -222,7 +226,7 @@ def test_response_logprob_is_what_the_sampler_drew_with(tiny_policy):
   out = sampling.sample(model, params, prompt_ids, prompt_mask, jax.random.key(3),
                         max_new_tokens=6, temperature=0.7, stop_token_id=1, pad_token_id=0)
   ids, mask, _ = scoring.truncate_after_stop(out.response_ids, 1, 0)
-  got = preference.response_logprob(params, prompt_ids, prompt_mask, ids, mask,
+  got = generation.response_logprob(params, prompt_ids, prompt_mask, ids, mask,
                                     apply_fn=model.apply, temperature=0.7)
   np.testing.assert_allclose(got, np.sum(np.asarray(out.logprobs) * np.asarray(mask), -1),
                              rtol=1e-5, atol=1e-5)
@@ -238,10 +242,10 @@ def test_kl_matches_a_numpy_log_softmax_and_batching_pads_nothing_in(tiny_policy
       "response_ids": rng.integers(3, 24, size=(n, response_len)).astype(np.int32),
       "response_mask": np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0]] * 2, np.int32),
   }
-  programs = preference.Programs(preference.Generation(3, 1.0, 0, 1.0, False, 1, 0))
+  programs = generation.Programs(generation.Generation(3, 1.0, 0, 1.0, False, 1, 0))
   fn = programs.logprob(model)
   assert programs.logprob(models.CausalLM(model.config)) is fn  # shared per config
-  got = {name: preference.run_batched(fn, parallel.replicate(p), arrays, 1)
+  got = {name: generation.run_batched(fn, parallel.replicate(p), arrays, 1)
          for name, p in (("policy", params), ("ref", other))}
 
   def numpy_logprob(p):
