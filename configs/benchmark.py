@@ -43,6 +43,7 @@ def get_config(arg=None):
   config.ppo = True  # Time one PPO iteration.
   config.ppo_batch_size = 8  # Episodes per PPO iteration.
   config.ppo_minibatch_size = 4  # Episodes per PPO update (one epoch).
+  config.ppo_kl_coef = 0.02  # beta of the per-token KL penalty (fixed), both frameworks.
   config.ppo_full_iteration = True  # Also time the iteration as one call.
 
   if variant == "tiny":
