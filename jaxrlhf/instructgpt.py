@@ -18,6 +18,8 @@ import jax
 import ml_collections
 from etils import epath
 
+from jaxrlhf import summaries as summaries_lib
+
 # stage name -> (module, its function (config, workdir) -> summary, stage it starts from)
 STAGES = {
     "pretrain": ("jaxrlhf.sft", "train_and_evaluate", None),
@@ -106,45 +108,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def print_summary(summaries: dict, workdir) -> None:
-  nan = float("nan")
+  """Each stage's result in one line, then the evaluation's table (jaxrlhf/summaries.py)."""
   print("\n[instructgpt] results", flush=True)
   for name, s in summaries.items():
-    if name == "evaluate":
-      continue
-    first, last = s.get("initial_eval") or {}, s.get("final_eval") or {}
-    if name == "rankings":
-      agreement = s.get("labeler_agreement")
-      print(f"  {name:>13}: {s['train']['written']} training and "
-            f"{s['validation']['written']} held-out prompts, {s['k_min']} to {s['k_max']} "
-            f"answers each, ranked (two simulated labelers agree on "
-            f"{agreement if agreement is not None else nan:.3f} of distinct pairs)")
-    elif "eval_accuracy" in last:
-      agreement = s.get("labeler_agreement")
-      print(f"  {name:>13}: held-out pairwise accuracy {first.get('eval_accuracy', nan):.3f}"
-            f" -> {last['eval_accuracy']:.3f} (two simulated labelers agree on "
-            f"{agreement if agreement is not None else nan:.3f} of distinct pairs)")
-    elif "eval_policy_score" in last:
-      print(f"  {name:>13}: held-out mean RM score {first.get('eval_policy_score', nan):.3f}"
-            f" -> {last['eval_policy_score']:.3f} (EMA policy "
-            f"{last.get('eval_ema_score', nan):.3f}), KL to SFT "
-            f"{last.get('eval_policy_kl_k1', nan):.3f}, pretraining NLL "
-            f"{first.get('eval_policy_pretrain_nll', nan):.3f} -> "
-            f"{last.get('eval_policy_pretrain_nll', nan):.3f} after {s.get('iterations')} "
-            "iterations")
-    elif "eval_loss" in last:
-      print(f"  {name:>13}: validation loss {first.get('eval_loss', nan):.3f} -> "
-            f"{last['eval_loss']:.3f} in {s.get('steps')} steps")
-  evaluation = summaries.get("evaluate")
-  if evaluation:
-    print(f"  win rates against {evaluation['baseline']} on {evaluation['num_prompts']} "
-          "held-out prompts, judged by the simulated labeler (95% interval):")
-    for name in evaluation.get("policy_order") or evaluation["policies"]:
-      entry = evaluation["policies"][name]
-      if entry.get("win_rate") is not None:
-        lo, hi = entry["win_rate_ci95"]
-        tax = entry.get("alignment_tax")
-        print(f"  {name:>15}: {100 * entry['win_rate']:5.1f}% [{100 * lo:.1f}, "
-              f"{100 * hi:.1f}]" + ("" if tax is None else f", alignment tax {tax:+.3f}"))
+    if name != "evaluate":
+      print(f"  {name:>13}: {summaries_lib.view(name, s).describe()}", flush=True)
+  if summaries.get("evaluate"):
+    evaluation = summaries_lib.Evaluation.from_summary(summaries["evaluate"])
+    print(f"  {evaluation.header()}; 95% intervals:", flush=True)
+    for line in evaluation.lines():
+      print(f"  {line}", flush=True)
   print(f"  summaries: {workdir / 'pipeline_summary.json'}", flush=True)
-  if evaluation and evaluation.get("report"):
-    print(f"  report: {evaluation['report']}", flush=True)
+  report = (summaries.get("evaluate") or {}).get("report")
+  if report:
+    print(f"  report: {report}", flush=True)

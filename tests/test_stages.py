@@ -3,6 +3,7 @@
 The session-scoped `chain` (tests/conftest.py) runs the pipeline once for every module.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -222,3 +223,26 @@ def test_pipeline_seed_moves_every_training_seed_but_not_the_world():
     assert stage.seed == seed + 3, name
     assert stage.data.world.seed == config.world.seed == 0, name
   assert instructgpt.stage_config(config, "evaluate", root).seed == 0
+
+
+def test_every_summary_reads_through_its_typed_view(chain):
+  # jaxrlhf/summaries.py names every key the stages write: a key renamed in a stage
+  # shows up here as a missing (NaN) figure.
+  from jaxrlhf import summaries
+  kinds = {"pretrain": summaries.LanguageModel, "sft": summaries.LanguageModel,
+           "rankings": summaries.Rankings, "reward_model": summaries.RewardModel,
+           "ppo": summaries.PPO, "ppo_ptx": summaries.PPO, "evaluate": summaries.Evaluation}
+  for name, cls in kinds.items():
+    view = summaries.view(name, chain[name])
+    assert isinstance(view, cls), name
+    if name == "evaluate":
+      lines = view.lines()
+      assert [line.split(":")[0].strip() for line in lines] == list(chain[name]["policy_order"])
+      assert "(baseline)" in lines[0] and all("%" in line for line in lines[1:])
+      continue
+    values = [v for v in dataclasses.asdict(view).values() if isinstance(v, float)]
+    assert values and not any(np.isnan(values)), (name, view)
+    assert "nan" not in view.describe(), (name, view.describe())
+  ppo = summaries.view("ppo", chain["ppo"])
+  assert ppo.ema_score == chain["ppo"]["final_eval"]["eval_ema_score"]
+  assert f"{ppo.ema_score:.3f}" in ppo.describe()

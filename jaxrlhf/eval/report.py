@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 from etils import epath  # noqa: E402
 
 from jaxrlhf import metrics as metrics_lib  # noqa: E402
+from jaxrlhf import summaries as summaries_lib  # noqa: E402
 from jaxrlhf.data.world import labeler as labeler_lib  # noqa: E402
 
 PPO_STAGES = ("ppo", "ppo_ptx")
@@ -272,39 +273,28 @@ def _headroom_lines(results: dict) -> list[str]:
   return lines
 
 
+_STAGE_NOTES = {
+    "reward_model": " The paper: about 73% agreement between labelers, 72-73% RM accuracy. "
+                    "Agreement counts a tie as a verdict; the RM's accuracy is over untied "
+                    "pairs.",
+}
+
+
 def _stage_lines(pipeline_dir: epath.Path | None) -> list[str]:
+  """A line a stage, in the words of its typed summary (jaxrlhf/summaries.py)."""
   if pipeline_dir is None:
     return []
   lines = []
-  for stage in ("pretrain", "sft"):
+  for stage in ("pretrain", "sft", "rankings", "reward_model", *PPO_STAGES):
     s = _read_json(pipeline_dir / stage / "summary.json")
-    if s:
-      first, last = s.get("initial_eval") or {}, s.get("final_eval") or {}
-      lines.append(f"- **{stage}**: validation loss {_fmt(first.get('eval_loss'))} → "
-                   f"{_fmt(last.get('eval_loss'))} in {s.get('steps')} steps "
-                   f"({_fmt(s.get('seconds'), 0)} s).")
-  rm = _read_json(pipeline_dir / "reward_model" / "summary.json")
-  if rm:
-    first, last = rm.get("initial_eval") or {}, rm.get("final_eval") or {}
-    lines.append(
-        f"- **reward model**: held-out pairwise accuracy {_fmt(first.get('eval_accuracy'))}"
-        f" → **{_fmt(last.get('eval_accuracy'))}** on {int(last.get('eval_comparisons', 0))}"
-        f" comparisons; two independent simulated labelers agree on "
-        f"**{_fmt(rm.get('labeler_agreement'))}** of those between distinct responses "
-        "(the paper: about "
-        "73% between labelers, 72-73% RM accuracy). Agreement counts a tie as a verdict; "
-        "the RM's accuracy is over untied pairs.")
-  for stage in PPO_STAGES:
-    s = _read_json(pipeline_dir / stage / "summary.json")
-    if s:
-      first, last = s.get("initial_eval") or {}, s.get("final_eval") or {}
-      lines.append(
-          f"- **{stage}** (ptx coefficient {s.get('ptx_coef')}): held-out RM score "
-          f"{_fmt(first.get('eval_policy_score'))} → {_fmt(last.get('eval_policy_score'))}"
-          f", KL from SFT {_fmt(last.get('eval_policy_kl_k1'))}, held-out text NLL "
-          f"{_fmt(first.get('eval_policy_pretrain_nll'))} → "
-          f"{_fmt(last.get('eval_policy_pretrain_nll'))} after {s.get('iterations')} "
-          f"iterations ({_fmt(s.get('seconds'), 0)} s).")
+    if not s:
+      continue
+    view = summaries_lib.view(stage, s)
+    name = stage.replace("_", " ") if stage == "reward_model" else stage
+    if stage in PPO_STAGES:
+      name = f"{stage} (ptx coefficient {view.ptx_coef})"
+    lines.append(f"- **{name}**: {view.describe()} ({_fmt(view.seconds, 0)} s)."
+                 + _STAGE_NOTES.get(stage, ""))
   return lines
 
 
