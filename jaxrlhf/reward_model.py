@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxrlhf import data as data_pkg
 from jaxrlhf import data_lib
+from jaxrlhf import evaluators
 from jaxrlhf import losses
 from jaxrlhf import model_lib
 from jaxrlhf import metrics as metrics_lib
@@ -105,17 +106,6 @@ def fit_normalization(demo_scores: np.ndarray, sample_scores: np.ndarray | None 
 # ---------------------------------------------------------------------------------------
 
 
-def evaluate_rankings(eval_step_p, rparams, batches) -> dict:
-  sums = None
-  for batch in batches:
-    out = parallel.fetch(eval_step_p(rparams, train_lib.put_batch(batch)))
-    sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
-  if sums is None:
-    return {}
-  return {f"eval_{name}": float(s.total / max(s.count, 1.0)) for name, s in sums.items()} | {
-      "eval_comparisons": float(sums["accuracy"].count)}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the reward model on rankings; exports it normalised to <workdir>/hf."""
   stage = stage_lib.Stage("reward_model", config, workdir)
@@ -141,16 +131,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       functools.partial(rm_train_step, dropout=config.get("dropout_rate", 0.0) > 0))
   eval_step_p = parallel.pmap_fn(functools.partial(rm_eval_step, apply_fn=model.apply))
 
-  def eval_fn(rstate, step):
-    metrics = evaluate_rankings(eval_step_p, rstate.params, data.eval_batches())
-    metrics["learning_rate"] = float(schedule(step))
-    return metrics
+  accuracy = evaluators.RankingAccuracy(eval_step_p, data.eval_batches)
+  eval_fn = evaluators.as_eval_fn([accuracy, evaluators.LearningRate(schedule)])
 
   # --- Loop -------------------------------------------------------------------------------
   t0 = time.time()
-  initial_eval = stage.initial_eval(lambda: evaluate_rankings(
-      eval_step_p, parallel.replicate(state.params), data.eval_batches()))
-  result = stage.train(state, train_step_p, data.train_iter,
+  rstate = parallel.replicate(state)
+  del state
+  initial_eval = stage.initial_eval(lambda: accuracy.run(rstate, 0))
+  result = stage.train(rstate, train_step_p, data.train_iter,
                        units=lambda b: float(np.sum(b["pair_mask"])),
                        units_name="comparisons", num_steps=num_steps, eval_fn=eval_fn)
   if result.preempted:
@@ -174,7 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       "mean_after": float(np.mean(norm_demo))}}
   logging.info("reward normalisation: %s", normalization)
 
-  final_eval = evaluate_rankings(eval_step_p, parallel.replicate(params), data.eval_batches())
+  final_eval = evaluators.ranking_metrics(eval_step_p, parallel.replicate(params),
+                                          data.eval_batches())
   summary = {
       "stage": "reward_model", "steps": result.step,
       "train_loss": result.last_metrics.get("loss"),

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from jaxrlhf import data_lib
+from jaxrlhf import evaluators
 from jaxrlhf import losses
 from jaxrlhf import model_lib
 from jaxrlhf import metrics as metrics_lib
@@ -111,20 +112,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       max_new_tokens=config.data.max_response_len, greedy=True,
       per_device_batch=max(1, -(-len(prompts) // jax.local_device_count())))
 
-  def eval_fn(rstate, step):
-    metrics = scoring.evaluate_nll(eval_step_p, rstate.params, data.eval_batches())
-    metrics["learning_rate"] = float(schedule(step))
-    if prompts:
-      texts = sampler.sample(rstate.params, prompts, jax.random.key(step)).texts
-      writer.write_texts(step, {f"sample_{i}": f"{p!r} -> {t!r}"
-                                for i, (p, t) in enumerate(zip(prompts, texts))})
-    return metrics
+  nll = evaluators.HeldOutNLL(eval_step_p, data.eval_batches)
+  eval_fn = evaluators.as_eval_fn([nll, evaluators.LearningRate(schedule),
+                                   evaluators.GreedySamples(sampler, prompts, writer)])
 
   # --- Loop -------------------------------------------------------------------------------
   t0 = time.time()
-  initial_eval = stage.initial_eval(lambda: scoring.evaluate_nll(
-      eval_step_p, parallel.replicate(state.params), data.eval_batches()))
-  result = stage.train(state, train_step_p, data.train_iter,
+  rstate = parallel.replicate(state)
+  del state
+  initial_eval = stage.initial_eval(lambda: nll.run(rstate, 0))
+  result = stage.train(rstate, train_step_p, data.train_iter,
                        units=lambda b: float(np.sum(b["attention_mask"])),
                        units_name="tokens", num_steps=num_steps, eval_fn=eval_fn)
   if result.preempted:

@@ -88,14 +88,15 @@ class Stage:
     return train_lib.run_loop(checkpointer=self.checkpointer, writer=self.writer,
                               start_step=self.start_step, desc=self.name, **kwargs)
 
-  def train(self, state: Any, step_fn: Callable, data_iter, *,
+  def train(self, rstate: Any, step_fn: Callable, data_iter, *,
             units: Callable[[dict], float], units_name: str, num_steps: int,
             eval_fn: Callable[[Any, int], dict] | None):
     """The loop of a stage that trains on one checkpointed data iterator (pretraining,
-    SFT, the reward model): `state` is replicated, `data_iter`'s position saved with each
-    checkpoint, and `units(batch)` counted for throughput; logging and evaluation every
-    `config.log_every` and `config.eval_every` steps."""
-    return self.loop(rstate=parallel.replicate(state), step_fn=step_fn,
+    SFT, the reward model) from the replicated state `rstate`: `data_iter`'s position is
+    saved with each checkpoint and `units(batch)` counted for throughput; logging and
+    evaluation (`eval_fn`, e.g. `evaluators.as_eval_fn(...)`) every `config.log_every`
+    and `config.eval_every` steps."""
+    return self.loop(rstate=rstate, step_fn=step_fn,
                      next_batch=train_lib.batches_from(data_iter, units),
                      num_steps=num_steps, log_every=self.config.log_every,
                      eval_every=self.config.eval_every, eval_fn=eval_fn,

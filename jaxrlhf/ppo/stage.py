@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -15,6 +17,7 @@ import numpy as np
 from etils import epath
 
 from jaxrlhf import data_lib
+from jaxrlhf import evaluators
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import model_lib
 from jaxrlhf import models
@@ -117,6 +120,27 @@ def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
   return {name: float(s.total / max(s.count, 1.0)) for name, s in totals.items()}, texts
 
 
+@dataclasses.dataclass
+class HeldOutRollouts:
+  """The policy's (`params(rstate)`) answers to held-out prompts, scored by the reward
+  model with the KL from SFT (`eval_<name>_score`, `eval_<name>_kl_k1`, ...); a few
+  decoded answers go to TensorBoard."""
+  eval_step_p: Any
+  batches: Any
+  name: str
+  params: Any
+  tokenizer: Any
+  num_texts: int
+  writer: Any
+
+  def run(self, rstate, step):
+    means, texts = evaluate(self.eval_step_p, self.params(rstate), rstate, self.batches(),
+                            self.tokenizer, self.num_texts)
+    if texts:
+      self.writer.write_texts(step, {f"sample_{i}": t for i, t in enumerate(texts)})
+    return {f"eval_{self.name}_{k}": v for k, v in means.items()}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs PPO (config.ptx.coef 0) or PPO-ptx from an SFT policy and a reward model.
 
@@ -197,18 +221,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def eval_batches():
     return _take(prompt_data.eval_batches(), config.num_eval_batches)
 
-  def eval_fn(rstate, iteration):
-    metrics = {}
-    for name, rparams in (("policy", rstate.policy.params), ("ema", rstate.ema_params)):
-      means, texts = evaluate(eval_step_p, rparams, rstate, eval_batches(), tokenizer,
-                              config.num_sample_texts if name == "ema" else 0)
-      metrics.update({f"eval_{name}_{k}": v for k, v in means.items()})
-      if pretrain_data is not None:
-        nll = scoring.evaluate_nll(nll_step_p, rparams, pretrain_data.eval_batches())
-        metrics[f"eval_{name}_pretrain_nll"] = nll["eval_loss"]
-      if texts:
-        writer.write_texts(iteration, {f"sample_{i}": t for i, t in enumerate(texts)})
-    return metrics
+  # The policy and its EMA, each on held-out prompts (and held-out text for the
+  # alignment tax): eval_policy_* and eval_ema_*.
+  eval_list = []
+  for name, params in (("policy", lambda rstate: rstate.policy.params),
+                       ("ema", lambda rstate: rstate.ema_params)):
+    eval_list.append(HeldOutRollouts(
+        eval_step_p, eval_batches, name=name, params=params, tokenizer=tokenizer,
+        num_texts=config.num_sample_texts if name == "ema" else 0, writer=writer))
+    if pretrain_data is not None:
+      eval_list.append(evaluators.HeldOutNLL(
+          nll_step_p, pretrain_data.eval_batches, params=params,
+          names={"eval_loss": f"eval_{name}_pretrain_nll"}))
+  eval_fn = evaluators.as_eval_fn(eval_list)
 
   # --- Loop -------------------------------------------------------------------------
   t0 = time.time()
