@@ -132,16 +132,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step_p = parallel.pmap_fn(functools.partial(rm_eval_step, apply_fn=model.apply))
 
   accuracy = evaluators.RankingAccuracy(eval_step_p, data.eval_batches)
-  eval_fn = evaluators.as_eval_fn([accuracy, evaluators.LearningRate(schedule)])
 
   # --- Loop -------------------------------------------------------------------------------
   t0 = time.time()
-  rstate = parallel.replicate(state)
-  del state
-  initial_eval = stage.initial_eval(lambda: accuracy.run(rstate, 0))
-  result = stage.train(rstate, train_step_p, data.train_iter,
-                       units=lambda b: float(np.sum(b["pair_mask"])),
-                       units_name="comparisons", num_steps=num_steps, eval_fn=eval_fn)
+  initial_eval, result = stage.train(
+      state, train_step_p, data.train_iter,
+      units=lambda b: float(np.sum(b["pair_mask"])), units_name="comparisons",
+      num_steps=num_steps, evaluators=[accuracy, evaluators.LearningRate(schedule)],
+      initial=[accuracy])
   if result.preempted:
     return stage.preempted(result)
 

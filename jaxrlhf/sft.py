@@ -113,17 +113,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       per_device_batch=max(1, -(-len(prompts) // jax.local_device_count())))
 
   nll = evaluators.HeldOutNLL(eval_step_p, data.eval_batches)
-  eval_fn = evaluators.as_eval_fn([nll, evaluators.LearningRate(schedule),
-                                   evaluators.GreedySamples(sampler, prompts, writer)])
+  measured = [nll, evaluators.LearningRate(schedule),
+              evaluators.GreedySamples(sampler, prompts, writer)]
 
   # --- Loop -------------------------------------------------------------------------------
   t0 = time.time()
-  rstate = parallel.replicate(state)
-  del state
-  initial_eval = stage.initial_eval(lambda: nll.run(rstate, 0))
-  result = stage.train(rstate, train_step_p, data.train_iter,
-                       units=lambda b: float(np.sum(b["attention_mask"])),
-                       units_name="tokens", num_steps=num_steps, eval_fn=eval_fn)
+  initial_eval, result = stage.train(
+      state, train_step_p, data.train_iter,
+      units=lambda b: float(np.sum(b["attention_mask"])), units_name="tokens",
+      num_steps=num_steps, evaluators=measured, initial=[nll])
   if result.preempted:
     return stage.preempted(result)
 

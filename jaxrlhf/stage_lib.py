@@ -5,19 +5,20 @@ steps, and leaves the rest to a `Stage`:
 
   stage = stage_lib.Stage("sft", config, workdir)         # workdir, tokenizer
   state = stage.resume(state, restore_data)                 # checkpoints, writer
-  initial = stage.initial_eval(lambda: evaluate(state))     # kept in the workdir
-  result = stage.train(state, step_fn, data.train_iter, ...)  # or stage.loop(...) (PPO)
+  initial, result = stage.train(state, step_fn, data.train_iter,
+                                evaluators=[...], initial=[...])
   if result.preempted: return stage.preempted(result)
   return stage.finish(summary, exports={"hf": (model, params)}, figures={...})
 
-The evaluation before training is saved to `<workdir>/initial_eval.json`, so a run
-resumed from a checkpoint still reports it.
+PPO, whose loop has hooks of its own, calls `stage.initial_eval(...)` and `stage.loop(...)`
+itself. The evaluation before training is saved to `<workdir>/initial_eval.json`, so a
+run resumed from a checkpoint still reports it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -25,6 +26,7 @@ import ml_collections
 from etils import epath
 
 from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import evaluators as evaluators_lib
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
@@ -88,19 +90,28 @@ class Stage:
     return train_lib.run_loop(checkpointer=self.checkpointer, writer=self.writer,
                               start_step=self.start_step, desc=self.name, **kwargs)
 
-  def train(self, rstate: Any, step_fn: Callable, data_iter, *,
+  def train(self, state: Any, step_fn: Callable, data_iter, *,
             units: Callable[[dict], float], units_name: str, num_steps: int,
-            eval_fn: Callable[[Any, int], dict] | None):
-    """The loop of a stage that trains on one checkpointed data iterator (pretraining,
-    SFT, the reward model) from the replicated state `rstate`: `data_iter`'s position is
-    saved with each checkpoint and `units(batch)` counted for throughput; logging and
-    evaluation (`eval_fn`, e.g. `evaluators.as_eval_fn(...)`) every `config.log_every`
-    and `config.eval_every` steps."""
-    return self.loop(rstate=rstate, step_fn=step_fn,
-                     next_batch=train_lib.batches_from(data_iter, units),
-                     num_steps=num_steps, log_every=self.config.log_every,
-                     eval_every=self.config.eval_every, eval_fn=eval_fn,
-                     units_name=units_name, data_state_fn=data_iter.get_state)
+            evaluators: Sequence[evaluators_lib.Evaluator],
+            initial: Sequence[evaluators_lib.Evaluator] = ()):
+    """The run of a stage that trains on one checkpointed data iterator (pretraining,
+    SFT, the reward model), from `state` (replicated here): the `initial` evaluators
+    before training (`initial_eval`), then the loop, with `data_iter`'s position saved
+    with each checkpoint, `units(batch)` counted for throughput, and logging and
+    `evaluators` every `config.log_every` and `config.eval_every` steps.
+
+    Returns (the evaluation before training or None, the loop's result).
+    """
+    rstate = parallel.replicate(state)
+    initial_eval = self.initial_eval(
+        (lambda: evaluators_lib.run_all(initial, rstate, 0)) if initial else None)
+    result = self.loop(rstate=rstate, step_fn=step_fn,
+                       next_batch=train_lib.batches_from(data_iter, units),
+                       num_steps=num_steps, log_every=self.config.log_every,
+                       eval_every=self.config.eval_every,
+                       eval_fn=evaluators_lib.as_eval_fn(evaluators),
+                       units_name=units_name, data_state_fn=data_iter.get_state)
+    return initial_eval, result
 
   def preempted(self, result) -> dict:
     """What a stage returns when SIGTERM stopped it: rerunning the command resumes."""
