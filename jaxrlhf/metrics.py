@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any, Mapping
 
@@ -22,18 +23,35 @@ def _to_float(value: Any) -> float:
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events to `workdir/tb`."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events to `workdir/tb`.
 
-  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None):
+  A run resumed from the checkpoint of `resume_step` first cuts both back to it: the
+  rows of later steps, which the stopped run logged after its last checkpoint and the
+  resumed run logs again, are dropped from metrics.jsonl, and TensorBoard is told to
+  drop its events after that step (a SessionLog START event), so no step shows twice.
+  `resume_step=-1` (a fresh start in a workdir a run left without a checkpoint) drops
+  them all.
+  """
+
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = epath.Path(workdir)
     self._jsonl = None
     self._tb = None
     if self.enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+      path = self.workdir / "metrics.jsonl"
+      if resume_step is not None and path.exists():
+        _cut_rows_after(path, resume_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=10)
+      # Event files are named by the second they were opened in: a suffix of its own
+      # keeps a run restarted within that second from overwriting the last one's file.
+      self._tb = SummaryWriter(
+          logdir=str(self.workdir / "tb"), flush_secs=10,
+          filename_suffix=f".{os.getpid()}.{time.time_ns()}",
+          purge_step=None if resume_step is None else int(resume_step) + 1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -73,6 +91,27 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _cut_rows_after(path: epath.Path, step: int) -> None:
+  """Keeps the rows of metrics.jsonl up to `step` (and a torn last line is dropped)."""
+  kept, dropped = [], 0
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
+      dropped += 1
+      continue
+    if int(row.get("step", 0)) <= step:
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    logging.info("%s: dropped %d rows after step %d, which the resumed run logs again",
+                 path, dropped, step)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_jsonl_scalars(workdir: str | epath.Path) -> list[dict]:

@@ -66,7 +66,10 @@ class Stage:
                    self.workdir)
       print(f"Resuming {self.name} from {self.unit} {self.start_step} in {self.workdir}",
             flush=True)
-    self.writer = metrics_lib.MetricWriter(self.workdir)
+    # Rows and events after the restored step (all of them on a fresh start) are logged
+    # again by this run: cut back to it.
+    self.writer = metrics_lib.MetricWriter(
+        self.workdir, resume_step=self.start_step if restored is not None else -1)
     if self.start_step == 0:
       self.writer.write_config(self.config)
     return state

@@ -60,3 +60,32 @@ def test_truncated_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_p
   assert step == 3
   np.testing.assert_array_equal(state["w"], _state(30)["w"])
   ckpt.close()
+
+
+def test_a_resumed_run_cuts_metrics_and_tensorboard_back_to_its_step(tmp_path):
+  # A run killed after logging steps 4 and 5 but checkpointing only step 3 is resumed
+  # from 3 and logs 4 and 5 again: each step must show once, with the resumed values.
+  from tensorboard.backend.event_processing import event_accumulator
+  from jaxrlhf import metrics as metrics_lib
+  writer = metrics_lib.MetricWriter(tmp_path, enabled=True)
+  for step in range(1, 6):
+    writer.write_scalars(step, {"loss": float(step)})
+  writer.write_texts(4, {"sample_0": "a"})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')  # torn by the kill
+  writer = metrics_lib.MetricWriter(tmp_path, enabled=True, resume_step=3)
+  for step in (4, 5):
+    writer.write_scalars(step, {"loss": 10.0 * step})
+  writer.close()
+  rows = metrics_lib.read_jsonl_scalars(tmp_path)
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0),
+                                                    (4, 40.0), (5, 50.0)]
+  assert "texts" not in (tmp_path / "metrics.jsonl").read_text()
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+  # A fresh start in that workdir (no checkpoint) logs everything again: nothing kept.
+  metrics_lib.MetricWriter(tmp_path, enabled=True, resume_step=-1).close()
+  assert metrics_lib.read_jsonl_scalars(tmp_path) == []

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models
 from tests import background
 from tests import rankings_files
@@ -118,6 +119,13 @@ def _assert_trees_identical(a, b, what):
   for (path, x), (_, y) in zip(flat_a, flat_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+def _logged(workdir) -> list[dict]:
+  """metrics.jsonl's rows without wall-clock figures (times and throughputs)."""
+  return [{k: v for k, v in row.items()
+           if k != "time" and "per_sec" not in k and "second" not in k}
+          for row in metrics_lib.read_jsonl_scalars(workdir)]
 
 
 def _damage(checkpoint_dir):
@@ -229,6 +237,9 @@ def test_killed_anywhere_and_resumed_is_bit_identical(kill_resume_trials, stage)
     _, a = models.from_pretrained(str(straight / export))
     _, b = models.from_pretrained(str(killed / export))
     _assert_trees_identical(a, b, f"{stage} {export}")
+  # The log too: every step once, with the uninterrupted run's figures (the rows a
+  # killed run wrote after its last checkpoint are cut when the next run resumes).
+  assert _logged(killed) == _logged(straight), stage
   for i, trial in enumerate(TRIALS):
     if trial[0] == stage and trial[3] is None:
       TRIALS[i] = trial[:3] + ("bit-identical",)
