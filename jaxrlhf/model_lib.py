@@ -47,6 +47,18 @@ def init_params(module, seq_len: int, seed: int):
   return jax.jit(module.init)(jax.random.key(seed), dummy)["params"]
 
 
+def check_vocabulary(tokenizer, vocab_size: int, where: str) -> None:
+  """Refuses a tokenizer whose ids reach past the model's embedding table: such an id
+  reads out of bounds (NaN or garbage losses), so it is named at start-up instead."""
+  size = len(tokenizer)
+  if size > vocab_size:
+    raise ValueError(
+        f"{where}: the model's vocabulary has {vocab_size} entries but the tokenizer "
+        f"({getattr(tokenizer, 'name_or_path', '') or 'config.tokenizer'}) has {size} "
+        f"tokens, ids up to {size - 1}. Use the tokenizer the model was trained with, or "
+        "a model whose vocab_size is at least the tokenizer's.")
+
+
 def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
                  model: ml_collections.ConfigDict | None = None, seed: int = 0,
                  dtype: str = "float32", param_dtype: str = "float32",
@@ -68,6 +80,7 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
     lm_or_scalar, params = models.from_pretrained(
         str(path), dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype))
     model_config = lm_or_scalar.config.replace(dropout_rate=dropout)
+    check_vocabulary(tokenizer, model_config.vocab_size, f"{field}={init_from!r}")
     if kind == "lm":
       if not isinstance(lm_or_scalar, models.CausalLM):
         raise ValueError(f"{field}={init_from!r} holds a scalar-head model; "
@@ -82,6 +95,7 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
     raise ValueError(f"{field} is empty and no model section was given to initialise.")
   model_config = transformer_config(model, tokenizer, dtype=dtype,
                                     param_dtype=param_dtype, dropout_rate=dropout)
+  check_vocabulary(tokenizer, model_config.vocab_size, "config.model.vocab_size")
   module = models.CausalLM(model_config) if kind == "lm" else models.ScalarHeadModel(
       model_config)
   return module, init_params(module, seq_len, seed)

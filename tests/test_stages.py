@@ -131,6 +131,23 @@ def test_config_errors_name_the_problem(chain, tmp_path):
   c.data.world_dir = chain["world_dir"]
   with pytest.raises(ValueError, match="mamba"):
     sft.train_and_evaluate(c, str(tmp_path / "c"))
+  # A tokenizer with more tokens than the model's vocabulary: named at start-up (its
+  # ids would read past the embedding table and turn the loss into NaN).
+  c = sft_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  c.model.vocab_size = 12
+  with pytest.raises(ValueError, match=r"config.model.vocab_size: the model's vocabulary "
+                                       r"has 12 entries but the tokenizer .* has \d+ tokens"):
+    sft.train_and_evaluate(c, str(tmp_path / "f"))
+  c = sft_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  c.init_from = str(chain["root"] / "sft" / "hf")
+  c.tokenizer = str(tmp_path / "big_tokenizer")
+  big = models.load_tokenizer(chain["config"].sft.tokenizer)
+  big.add_tokens([f"extra_token_{i}" for i in range(600)])
+  big.save_pretrained(c.tokenizer)
+  with pytest.raises(ValueError, match=r"config.init_from=.*vocabulary has \d+ entries"):
+    sft.train_and_evaluate(c, str(tmp_path / "g"))
   # No rankings given: an error naming the fields, not rankings sampled on the quiet.
   from configs import reward_model as rm_config  # pylint: disable=g-import-not-at-top
   from jaxrlhf import reward_model  # pylint: disable=g-import-not-at-top
