@@ -68,10 +68,29 @@ def lengths_from_config(data: ml_collections.ConfigDict) -> data_pkg.Lengths:
                           text=data.get("max_seq_len", 64), k_max=data.get("k_max", 9))
 
 
-def read(kind: str, path: str, *, skip_invalid: bool):
-  """Parsed examples and their parse statistics; bad lines raise or are counted."""
+def read(kind: str, path: str, *, skip_invalid: bool, k_max: int | None = None):
+  """Parsed examples and their parse statistics; bad lines raise or are counted.
+
+  Rankings with more responses than `k_max` (the K every ranking is padded to) are bad
+  lines too, found here rather than when the loader reaches them.
+  """
   stats = data_pkg.DataStats()
   examples = data_pkg.read_examples(kind, path, skip_invalid=skip_invalid, stats=stats)
+  if kind == "rankings" and k_max is not None:
+    kept = []
+    for example in examples:
+      if example.k <= k_max:
+        kept.append(example)
+        continue
+      error = data_pkg.DataError(
+          f"{example.k} responses, more than config.data.k_max={k_max} (every ranking is "
+          "padded to k_max responses): raise config.data.k_max, or set "
+          "config.data.skip_invalid to leave such lines out, counted",
+          source=example.source, field="responses", reason="too_many_responses")
+      if not skip_invalid:
+        raise error
+      stats.skip(error.reason, str(error))
+    examples = kept
   if stats.num_skipped:
     stats.log_summary(f"{kind} {path}")
   if not examples:
@@ -253,8 +272,9 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
   per_device = parallel.check_batch_size(config.batch_size)
   skip_invalid = config.data.skip_invalid
   train_path, valid_path, collected = ranking_files(config.data)
-  train, parse_stats = read("rankings", train_path, skip_invalid=skip_invalid)
-  valid, _ = read("rankings", valid_path, skip_invalid=skip_invalid)
+  train, parse_stats = read("rankings", train_path, skip_invalid=skip_invalid,
+                            k_max=lengths.k_max)
+  valid, _ = read("rankings", valid_path, skip_invalid=skip_invalid, k_max=lengths.k_max)
   loader = data_pkg.make_loader("rankings", train, tokenizer, lengths,
                                 per_device_batch_size=per_device,
                                 seed=config.data.shuffle_seed,

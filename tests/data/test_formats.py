@@ -197,3 +197,19 @@ def test_ranks_reject_booleans_and_negatives():
     formats.parse_ranking({"prompt": "p", "responses": ["a", "b"], "ranks": [True, 0]}, source)
   with pytest.raises(data.DataError, match="ranks\\[1\\]"):
     formats.parse_ranking({"prompt": "p", "responses": ["a", "b"], "ranks": [0, -1]}, source)
+
+
+def test_a_ranking_longer_than_k_max_is_a_bad_line_found_when_read(write_lines):
+  from jaxrlhf import data_lib
+  path = write_lines([
+      {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]},
+      {"prompt": "q", "responses": ["a", "b", "c", "d"], "ranks": [0, 1, 2, 3]},
+      {"prompt": "r", "responses": ["a", "b", "c"], "ranks": [2, 1, 0]},
+  ])
+  with pytest.raises(data.DataError, match=r"data.jsonl, line 2, field 'responses': 4 "
+                                           r"responses, more than config.data.k_max=3.*"
+                                           r"raise config.data.k_max"):
+    data_lib.read("rankings", path, skip_invalid=False, k_max=3)
+  examples, stats = data_lib.read("rankings", path, skip_invalid=True, k_max=3)
+  assert [ex.prompt for ex in examples] == ["p", "r"]
+  assert stats["skipped/too_many_responses"] == 1
