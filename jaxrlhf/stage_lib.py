@@ -35,6 +35,28 @@ from jaxrlhf import train_lib
 INITIAL_EVAL_FILE = "initial_eval.json"
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved_file: epath.Path, config: ml_collections.ConfigDict,
+                   limit: int = 20) -> list[str]:
+  """'field: saved -> now' for each config field that differs from `saved_file` (the
+  config.json a run wrote when it started), at most `limit` of them."""
+  if not saved_file.exists():
+    return []
+  saved = _flatten(json.loads(saved_file.read_text()))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+  return changes[:limit] + ([f"... {len(changes) - limit} more"] if len(changes) > limit else [])
+
+
 class Stage:
   """One run of a training stage in `workdir`: resumes by itself, exports at the end."""
 
@@ -58,6 +80,7 @@ class Stage:
         keep=self.config.keep_checkpoints)
     restored = self.checkpointer.restore(state)
     if restored is not None:
+      self._check_same_shapes(state, restored[0], restored[3])
       state, data_state, _, step = restored
       self.start_step = int(step)
       if restore_data is not None:
@@ -73,6 +96,30 @@ class Stage:
     if self.start_step == 0:
       self.writer.write_config(self.config)
     return state
+
+  def _check_same_shapes(self, state: Any, saved: Any, step: int) -> None:
+    """Refuses a checkpoint whose arrays have other shapes or another structure than the
+    state this config builds, naming what changed since the run's saved config.json
+    (orbax restores the saved shapes, and the first step would fail deep inside flax)."""
+    new_leaves = jax.tree_util.tree_leaves_with_path(state)
+    saved_leaves = jax.tree_util.tree_leaves_with_path(saved)
+    first = None
+    if len(new_leaves) != len(saved_leaves):
+      first = f"{len(saved_leaves)} arrays saved, {len(new_leaves)} built now"
+    else:
+      for (path, a), (_, b) in zip(new_leaves, saved_leaves):
+        if getattr(a, "shape", None) != getattr(b, "shape", None):
+          first = (f"{jax.tree_util.keystr(path)} is {tuple(getattr(b, 'shape', ()))} in "
+                   f"the checkpoint and {tuple(getattr(a, 'shape', ()))} now")
+          break
+    if first is None:
+      return
+    changed = config_changes(self.workdir / "config.json", self.config)
+    raise ValueError(
+        f"{self.workdir}: the checkpoint at {self.unit} {step} does not fit the model this "
+        f"config builds ({first}). Config fields that differ from the run's "
+        f"{self.workdir / 'config.json'}: {', '.join(changed) if changed else 'none found'}. "
+        "Resume with the config the run started with, or give a new --workdir.")
 
   def initial_eval(self, evaluate: Callable[[], dict] | None) -> dict | None:
     """The evaluation before training: run (and kept) on a fresh run, read back on a

@@ -71,6 +71,21 @@ def test_sft_resume_is_bit_identical(chain, tmp_path):
     assert resumed_summary[key] == straight_summary[key], key
 
 
+def test_a_changed_model_on_an_old_workdir_names_what_changed(chain, tmp_path):
+  c = sft_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  c.num_steps, c.checkpoint_every, c.eval_every, c.num_sample_prompts = 3, 100, 0, 0
+  sft.train_and_evaluate(c, str(tmp_path))
+  c.model.intermediate_size = 48  # was 64
+  c.num_steps = 6
+  with pytest.raises(ValueError, match=r"checkpoint at step 3 does not fit the model .*"
+                                       r"\(64, 32\) in the checkpoint and \(48, 32\) now.*"
+                                       r"model.intermediate_size: 64 -> 48"):
+    sft.train_and_evaluate(c, str(tmp_path))
+  # Refused, not mistaken for damage: the checkpoint is where it was.
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["3"]
+
+
 def test_reward_model_learns_rankings_and_is_normalised(chain):
   summary = chain["rm"]
   assert summary["final_eval"]["eval_comparisons"] > 0
