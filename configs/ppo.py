@@ -60,7 +60,7 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict()
   config.data.train_file = ""  # Prompts JSONL; '' = the embedded world's PPO prompts.
-  config.data.valid_file = ""  # Held-out prompts JSONL for evaluation; '' = the world's.
+  config.data.valid_file = ""  # Held-out prompts; both '' = the world's.
   config.data.world = config_lib.world_config()  # The embedded world, when files are ''.
   config.data.world_dir = ""  # Where the world is written; '' = <workdir>/world.
   config.data.max_prompt_len = 32  # Prompt tokens kept (truncated on the left).
@@ -97,7 +97,7 @@ def get_config(arg=None):
   config.ptx.num_eval_batches = 4  # Pretraining validation batches per evaluation.
   config.ptx.data = ml_collections.ConfigDict()
   config.ptx.data.train_file = ""  # Text JSONL; '' = the embedded world's corpus.
-  config.ptx.data.valid_file = ""  # Held-out text JSONL; '' = the world's.
+  config.ptx.data.valid_file = ""  # Held-out text; both '' = the world's (not with your prompts).
   config.ptx.data.max_seq_len = 64  # Pretraining sequence length, tokens.
   config.ptx.data.shuffle_seed = 1  # Order of text; part of the checkpointed state.
 

@@ -37,7 +37,7 @@ def get_config(arg=None):
   config.data.train_file = ""  # Rankings JSONL (K-way, chosen/rejected or HH)...
   config.data.valid_file = ""  # ...and held-out rankings (for pairwise accuracy).
   config.data.rankings_dir = ""  # Or the rankings stage's workdir (experiments.rankings).
-  config.data.demonstrations_file = ""  # Demonstrations that should score mean 0.
+  config.data.demonstrations_file = ""  # Score mean 0; required with your own rankings.
   config.data.world = config_lib.world_config()  # The world: its demonstrations where that is ''.
   config.data.world_dir = ""  # Where the world is; '' = <workdir>/world.
   config.data.k_max = 9  # Most responses a ranking may hold (the paper: 4 to 9); padding K.

@@ -33,7 +33,7 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict()
   config.data.train_file = ""  # Demonstrations JSONL; '' = the embedded world's.
-  config.data.valid_file = ""  # Held-out demonstrations JSONL; '' = the world's.
+  config.data.valid_file = ""  # Held-out demonstrations; both '' = the world's.
   config.data.world = config_lib.world_config()  # The embedded world, when files are ''.
   config.data.world_dir = ""  # Where the world is written; '' = <workdir>/world.
   config.data.max_prompt_len = 32  # Prompt tokens kept (truncated on the left).

@@ -55,6 +55,24 @@ def world_file(data: ml_collections.ConfigDict, workdir, dataset: str, split: st
   return str(ensure_world(data, workdir) / dataset / f"{split}.jsonl")
 
 
+def files_or_world(data: ml_collections.ConfigDict, workdir, dataset: str, *,
+                   train: str, valid: str, train_field: str = "config.data.train_file",
+                   valid_field: str = "config.data.valid_file") -> tuple[str, str]:
+  """(train file, held-out file): the user's two, or, when both are empty, the embedded
+  world's `dataset` files. One without the other is an error: the world's toy data never
+  stands in for a file of the user's."""
+  if bool(train) != bool(valid):
+    given, missing = (train_field, valid_field) if train else (valid_field, train_field)
+    raise ValueError(
+        f"{given} is set but {missing} is empty: give both (held-out data of your own, "
+        f"e.g. a split of your file), or neither for the embedded world's {dataset} "
+        "files; the world's toy data never stands in for yours.")
+  if train:
+    return train, valid
+  return (world_file(data, workdir, dataset, "train"),
+          world_file(data, workdir, dataset, "validation"))
+
+
 # ---------------------------------------------------------------------------------------
 # Loaders.
 # ---------------------------------------------------------------------------------------
@@ -280,8 +298,15 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
                                 seed=config.data.shuffle_seed,
                                 skip_invalid=skip_invalid,
                                 parse_stats=parse_stats)
-  demo_path = (config.data.demonstrations_file
-               or world_file(config.data, workdir, "sft", "train"))
+  demo_path = config.data.demonstrations_file
+  if not demo_path:
+    if collected is None:  # rankings of the user's: the world's demonstrations are not
+      raise ValueError(
+          "config.data.demonstrations_file is empty: the reward model's scores are shifted "
+          "so that labeler demonstrations score 0 on average, and with rankings of your own "
+          "(config.data.train_file) the embedded world's demonstrations are not yours; set "
+          "it to your SFT demonstrations.")
+    demo_path = world_file(config.data, workdir, "sft", "train")
   limit = config.normalize.max_sequences
 
   def demonstration_batches():
@@ -317,9 +342,9 @@ def prompt_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageD
   """
   lengths = lengths_from_config(config.data)
   per_device = parallel.check_batch_size(config.batch_size)
-  train_path = config.data.train_file or world_file(config.data, workdir, "ppo", "train")
-  valid_path = (config.data.valid_file
-                or world_file(config.data, workdir, "ppo", "validation"))
+  train_path, valid_path = files_or_world(config.data, workdir, "ppo",
+                                          train=config.data.train_file,
+                                          valid=config.data.valid_file)
   train, parse_stats = read("prompts", train_path, skip_invalid=config.data.skip_invalid)
   valid, _ = read("prompts", valid_path, skip_invalid=config.data.skip_invalid)
   loader = data_pkg.make_loader("prompts", train, tokenizer, lengths,

@@ -64,16 +64,16 @@ def lm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
 
 
 def stage_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> data_lib.StageData:
-  """The stage's text (pretraining) or demonstrations (SFT): `config.data`'s files, or
-  the embedded world's where they are empty."""
+  """The stage's text (pretraining) or demonstrations (SFT): `config.data`'s two files,
+  or the embedded world's where both are empty."""
   pretrain = config.stage == "pretrain"
   dataset = "pretrain" if pretrain else "sft"
+  train_file, valid_file = data_lib.files_or_world(
+      config.data, workdir, dataset, train=config.data.train_file,
+      valid=config.data.valid_file)
   return data_lib.lm_data(
       "text" if pretrain else "demonstrations", tokenizer,
-      train_file=(config.data.train_file
-                  or data_lib.world_file(config.data, workdir, dataset, "train")),
-      valid_file=(config.data.valid_file
-                  or data_lib.world_file(config.data, workdir, dataset, "validation")),
+      train_file=train_file, valid_file=valid_file,
       lengths=data_lib.lengths_from_config(config.data), batch_size=config.batch_size,
       shuffle_seed=config.data.shuffle_seed, skip_invalid=config.data.skip_invalid,
       num_eval_batches=config.get("num_eval_batches", 0))

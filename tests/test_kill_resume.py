@@ -58,6 +58,7 @@ def _overrides(stage, setup):
   if stage == "rm":
     out["data.train_file"] = str(setup["root"] / "rank_train.jsonl")
     out["data.valid_file"] = str(setup["root"] / "rank_valid.jsonl")
+    out["data.demonstrations_file"] = str(setup["world"] / "sft" / "train.jsonl")
   return out
 
 

@@ -95,7 +95,8 @@ def _runs(root):
   rankings_files.write_rankings(pathlib.Path(world), root / "rank_train.jsonl", 32, rng)
   rankings_files.write_rankings(pathlib.Path(world), root / "rank_valid.jsonl", 8, rng)
   rm = _rm(world, policy) | {"data.train_file": str(root / "rank_train.jsonl"),
-                             "data.valid_file": str(root / "rank_valid.jsonl")}
+                             "data.valid_file": str(root / "rank_valid.jsonl"),
+                             "data.demonstrations_file": f"{world}/sft/train.jsonl"}
   out["outputs"]["rm"] = job("experiments.reward_model", "configs/reward_model.py:test", rm,
                              root / "two" / "rm").wait()
   one("experiments.reward_model", "configs/reward_model.py:test", rm, root / "one" / "rm")

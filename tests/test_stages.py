@@ -163,6 +163,13 @@ def test_config_errors_name_the_problem(chain, tmp_path):
   big.save_pretrained(c.tokenizer)
   with pytest.raises(ValueError, match=r"config.init_from=.*vocabulary has \d+ entries"):
     sft.train_and_evaluate(c, str(tmp_path / "g"))
+  # Files of the user's are never completed with the embedded world's.
+  c = sft_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  c.data.train_file = str(chain["root"] / "world" / "sft" / "train.jsonl")
+  with pytest.raises(ValueError, match="config.data.train_file is set but "
+                                       "config.data.valid_file is empty"):
+    sft.train_and_evaluate(c, str(tmp_path / "h"))
   # No rankings given: an error naming the fields, not rankings sampled on the quiet.
   from configs import reward_model as rm_config  # pylint: disable=g-import-not-at-top
   from jaxrlhf import reward_model  # pylint: disable=g-import-not-at-top
@@ -174,6 +181,25 @@ def test_config_errors_name_the_problem(chain, tmp_path):
   c.data.rankings_dir = str(tmp_path / "no_rankings_here")
   with pytest.raises(FileNotFoundError, match="no_rankings_here.*no summary.json"):
     reward_model.train_and_evaluate(c, str(tmp_path / "e"))
+  c.data.rankings_dir = ""
+  c.data.train_file = str(chain["root"] / "rankings" / "train.jsonl")
+  c.data.valid_file = str(chain["root"] / "rankings" / "validation.jsonl")
+  with pytest.raises(ValueError, match="config.data.demonstrations_file is empty"):
+    reward_model.train_and_evaluate(c, str(tmp_path / "i"))
+  from configs import ppo as ppo_config  # pylint: disable=g-import-not-at-top
+  from jaxrlhf import ppo  # pylint: disable=g-import-not-at-top
+  c = ppo_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  c.policy_init_from = str(chain["root"] / "sft" / "hf")
+  c.reward_init_from = str(chain["root"] / "reward_model" / "hf")
+  c.data.train_file = str(chain["root"] / "world" / "ppo" / "train.jsonl")
+  with pytest.raises(ValueError, match="config.data.train_file is set but "
+                                       "config.data.valid_file is empty"):
+    ppo.train_and_evaluate(c, str(tmp_path / "j"))
+  c.data.valid_file = str(chain["root"] / "world" / "ppo" / "validation.jsonl")
+  with pytest.raises(ValueError, match="config.ptx.data.train_file is empty while the "
+                                       "prompts are your own"):
+    ppo.train_and_evaluate(c, str(tmp_path / "k"))
 
 
 def test_every_stage_left_checkpoints_and_an_export(chain):

@@ -160,12 +160,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pretrain_data = None
   if use_ptx or config.ptx.eval_nll:
     ptx = config.ptx
+    if config.data.train_file and not ptx.data.train_file:
+      raise ValueError(
+          "config.ptx.data.train_file is empty while the prompts are your own "
+          "(config.data.train_file): PPO-ptx mixes in, and the alignment tax is measured "
+          "on, pretraining text, and the embedded world's is not yours. Set "
+          "config.ptx.data.train_file and valid_file to text of your own, or "
+          "config.ptx.coef=0 and config.ptx.eval_nll=False to do without.")
+    train_file, valid_file = data_lib.files_or_world(
+        config.data, workdir, "pretrain", train=ptx.data.train_file,
+        valid=ptx.data.valid_file, train_field="config.ptx.data.train_file",
+        valid_field="config.ptx.data.valid_file")
     pretrain_data = data_lib.lm_data(
-        "text", tokenizer,
-        train_file=(ptx.data.train_file
-                    or data_lib.world_file(config.data, workdir, "pretrain", "train")),
-        valid_file=(ptx.data.valid_file
-                    or data_lib.world_file(config.data, workdir, "pretrain", "validation")),
+        "text", tokenizer, train_file=train_file, valid_file=valid_file,
         lengths=data_lib.Lengths(prompt=config.data.max_prompt_len,
                                  response=config.data.max_response_len,
                                  text=ptx.data.max_seq_len),
