@@ -124,6 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"reward_model: {train_lib.count_params(params)} parameters, {num_steps} steps of "
       f"{config.batch_size} ranked prompts")
   state = stage.resume(state, lambda data_state, _: data.train_iter.set_state(data_state))
+  if (done := stage.finished_summary(num_steps)) is not None:
+    return done
   writer = stage.writer
 
   # --- Steps ----------------------------------------------------------------------------

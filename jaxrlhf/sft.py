@@ -99,6 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{config.batch_size} sequences ({per_device} per device)")
 
   state = stage.resume(state, lambda data_state, _: data.train_iter.set_state(data_state))
+  if (done := stage.finished_summary(num_steps)) is not None:
+    return done
   writer = stage.writer
 
   # --- Steps ----------------------------------------------------------------------------

@@ -97,6 +97,21 @@ class Stage:
       self.writer.write_config(self.config)
     return state
 
+  def finished_summary(self, num_steps: int) -> dict | None:
+    """The saved summary of a run that already finished (`num_steps` done and summary.json
+    written), for the stage to return as it is; None otherwise. A rerun of the documented
+    command then loses nothing: rebuilt from a loop that ran no step, the summary would
+    hold no training figures."""
+    summary_file = self.workdir / "summary.json"
+    if self.start_step < num_steps or not summary_file.exists():
+      return None
+    summary = json.loads(summary_file.read_text())
+    self.checkpointer.close()
+    self.writer.close()
+    metrics_lib.console(f"{self.name}: already finished ({self.start_step} {self.unit}s); "
+                        f"summary in {summary_file}")
+    return summary
+
   def _check_same_shapes(self, state: Any, saved: Any, step: int) -> None:
     """Refuses a checkpoint whose arrays have other shapes or another structure than the
     state this config builds, naming what changed since the run's saved config.json

@@ -68,6 +68,10 @@ def test_exports_policy_and_ema(stage):
 def test_second_run_resumes_at_the_end(stage):
   assert stage["resumed"]["iterations"] == 2
   assert stage["resumed"]["initial_score"] == stage["summary"]["initial_score"]
+  # A rerun of a finished stage loses nothing: every figure as the first run left it.
+  saved = json.loads((stage["root"] / "summary.json").read_text())
+  for key in ("final_train", "final_eval", "initial_eval", "final_score", "final_kl"):
+    assert stage["resumed"][key] == saved[key] and saved[key], key
   checkpointer = checkpoint_lib.Checkpointer(stage["root"] / "checkpoints", save_every=1)
   assert checkpointer.latest_step() == 2
   checkpointer.close()

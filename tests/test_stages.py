@@ -69,6 +69,11 @@ def test_sft_resume_is_bit_identical(chain, tmp_path):
   assert straight_summary["initial_eval"] is not None
   for key in ("initial_eval", "final_eval", "train_loss", "steps"):
     assert resumed_summary[key] == straight_summary[key], key
+  # Rerunning the finished stage returns, and keeps, what it wrote.
+  rerun = sft.train_and_evaluate(config(6), str(tmp_path / "straight"))
+  assert rerun == json.loads((tmp_path / "straight" / "summary.json").read_text())
+  for key in ("initial_eval", "final_eval", "train_loss"):
+    assert rerun[key] == straight_summary[key] is not None, key
 
 
 def test_a_changed_model_on_an_old_workdir_names_what_changed(chain, tmp_path):

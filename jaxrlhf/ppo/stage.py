@@ -213,6 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = stage.resume(state, loop_lib.restore_iterators(prompt_iter, ptx_iter,
                                                          workdir / "checkpoints"))
+  if (done := stage.finished_summary(config.num_iterations)) is not None:
+    return done
   start_iteration, writer = stage.start_step, stage.writer
 
   # --- Pmapped functions ------------------------------------------------------------
