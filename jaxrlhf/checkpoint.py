@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any
 
 from absl import logging
@@ -32,6 +33,21 @@ def _decode_data_state(blob: Any) -> Any:
   if kind == "json":
     return blob["value"]
   return None
+
+
+CHECKSUMS_KEY = "checksums"
+
+
+def checksums(state: Any) -> dict[str, str]:
+  """'dtype:CRC-32' of every array's bytes in a host state, by its path in the tree:
+  written with each checkpoint and compared on restore, so flipped bytes that leave every
+  file its size (and orbax reading it happily) are caught."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(array.reshape(-1).view(np.uint8).data)
+    out[jax.tree_util.keystr(path)] = f"{array.dtype}:{crc}"
+  return out
 
 
 class Checkpointer:
@@ -64,12 +80,13 @@ class Checkpointer:
            extra: dict | None = None) -> None:
     """Saves an unreplicated host `state`; every process must call this."""
     state = jax.device_get(state)
+    extra = {**(extra or {}), CHECKSUMS_KEY: checksums(state)}
     self._manager.save(
         int(step),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_encode_data_state(data_state)),
-            extra=ocp.args.JsonSave(extra or {}),
+            extra=ocp.args.JsonSave(extra),
         ),
         force=True)
     self._manager.wait_until_finished()
@@ -78,7 +95,8 @@ class Checkpointer:
     """Returns (state, data_state, extra, step) from the newest readable checkpoint.
 
     Returns None when the directory holds no checkpoint. A checkpoint that fails to
-    restore (truncated, corrupted) is reported and the previous one is tried.
+    restore (truncated, corrupted, or arrays whose checksums differ from those written
+    with it) is reported and the previous one is tried.
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     template = jax.tree_util.tree_map(
@@ -94,6 +112,7 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
                 extra=ocp.args.JsonRestore(),
             ))
+        _verify(restored["state"], dict(restored["extra"] or {}))
       except Exception as e:  # pylint: disable=broad-except
         # Not swallowed: reported, and the run only goes on from an older checkpoint.
         msg = f"checkpoint at step {candidate} in {self.directory} is unreadable: {e!r}"
@@ -106,8 +125,9 @@ class Checkpointer:
         self._set_aside(damaged)
         print(f"Restored from step {candidate} after skipping {len(errors)} damaged "
               f"checkpoint(s); moved to {self.damaged_directory}.", flush=True)
-      return (restored["state"], _decode_data_state(restored["data"]),
-              dict(restored["extra"] or {}), candidate)
+      extra = dict(restored["extra"] or {})
+      extra.pop(CHECKSUMS_KEY, None)
+      return (restored["state"], _decode_data_state(restored["data"]), extra, candidate)
     if errors:
       raise RuntimeError(
           f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))
@@ -141,6 +161,23 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _verify(state: Any, extra: dict) -> None:
+  """Raises when the restored arrays' checksums differ from those saved with them (a
+  checkpoint written before checksums were kept has none to compare)."""
+  saved = extra.get(CHECKSUMS_KEY)
+  if saved is None:
+    logging.info("checkpoint without checksums: restored unverified")
+    return
+  now = checksums(state)
+  # An array restored into another dtype (the config changed it) was cast by orbax and
+  # cannot be compared; the stage names such changes itself.
+  differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                  and str(saved.get(k)).split(":")[0] == str(now.get(k)).split(":")[0])
+  if differ:
+    raise ValueError(f"{len(differ)} array(s) differ from the checksums written with the "
+                     f"checkpoint (first: {differ[0]})")
 
 
 def save_json(path: str | epath.Path, obj: Any) -> None:

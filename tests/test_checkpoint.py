@@ -89,3 +89,30 @@ def test_a_resumed_run_cuts_metrics_and_tensorboard_back_to_its_step(tmp_path):
   # A fresh start in that workdir (no checkpoint) logs everything again: nothing kept.
   metrics_lib.MetricWriter(tmp_path, enabled=True, resume_step=-1).close()
   assert metrics_lib.read_jsonl_scalars(tmp_path) == []
+
+
+def test_flipped_bytes_of_the_same_size_are_caught_by_the_checksums(tmp_path, capsys):
+  # Bytes flipped inside an array's data leave every file its size and orbax reads it
+  # back without complaint; the checksums saved with the checkpoint do not match.
+  def state(seed):
+    rng = np.random.default_rng(seed)
+    return {"w": rng.normal(size=(64, 64)).astype(np.float32), "step": np.int32(seed)}
+
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "ckpt", save_every=1, keep=3)
+  ckpt.save(1, state(1), extra={"note": "kept"})
+  ckpt.save(2, state(2))
+  ckpt.close()
+  files = [f for f in (tmp_path / "ckpt" / "2" / "state").rglob("*") if f.is_file()]
+  biggest = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+  biggest.write_bytes(bytes(data))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "ckpt", save_every=1, keep=3)
+  restored, _, extra, step = ckpt.restore(state(0))
+  assert step == 1 and extra == {"note": "kept"}
+  np.testing.assert_array_equal(restored["w"], state(1)["w"])
+  out = capsys.readouterr().out
+  assert "step 2" in out and "differ from the checksums" in out
+  assert [p.name for p in (tmp_path / "ckpt.damaged").iterdir()] == ["2"]
+  ckpt.close()
