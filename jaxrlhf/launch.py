@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging as python_logging
 from logging import handlers as logging_handlers
 import os
+import sys
 import tempfile
 from typing import Callable
 
@@ -23,7 +24,9 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/sft.py:tiny.", lock_config=True)
+    "config", None, "Config file and variant, e.g. configs/sft.py:tiny; any field can "
+    "then be set as --config.<field>=<value> (a misspelt field is an error).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -107,6 +110,10 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
     train_fn(_CONFIG.value, _WORKDIR.value)
 
   flags.mark_flags_as_required(["config"])
+  # `--help` lists the main module's key flags: these are every experiment script's.
+  for name in ("config", "workdir", "coordinator_address", "num_processes", "process_id",
+               "cpu_isa", "fixed_reduction_order"):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   # Without torch (a user's install), transformers' import advises on the console that its
   # PyTorch models are unavailable; jaxrlhf uses only its tokenizers and config files.

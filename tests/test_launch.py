@@ -48,3 +48,13 @@ def test_cpu_isa_reaches_xla(runs):
   _, sse = runs["sse"]
   assert not np.array_equal(default, sse)
   np.testing.assert_allclose(default, sse, rtol=1e-5, atol=1e-6)  # rounding only
+
+
+def test_help_lists_the_flags_every_experiment_script_takes(tmp_path):
+  result = subprocess.run(sp.python_command("experiments.sft", ["--help"]), cwd=sp.REPO,
+                          env=sp.child_env(1, tmp_path / "cache"), capture_output=True,
+                          text=True, timeout=sp.CHILD_TIMEOUT_S)
+  # absl's --help exits 1 after printing the main module's flags.
+  for flag in ("--config:", "--config.<field>=<value>", "--workdir:",
+               "--coordinator_address:", "--[no]fixed_reduction_order:"):
+    assert flag in result.stdout, (flag, result.stdout)
