@@ -11,9 +11,12 @@ explicit `--verbosity`) shows it on the console too.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging as python_logging
 from logging import handlers as logging_handlers
 import os
+import re
 import sys
 import tempfile
 from typing import Callable
@@ -86,6 +89,68 @@ def route_logs(workdir: str | None, held: logging_handlers.MemoryHandler) -> str
   return path
 
 
+def _config_keys(argv: list[str]) -> list[str]:
+  """The dotted fields of the config `--config=path.py:variant` names ([] if it does not
+  load)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not spec:
+    return []
+  path, _, variant = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_launch_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant or None)
+  except Exception:  # pylint: disable=broad-except
+    return []
+  keys = []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        walk(value, f"{prefix}{key}.")
+      else:
+        keys.append(f"{prefix}{key}")
+
+  walk(config, "")
+  return keys
+
+
+def config_override_error(argv: list[str], error: Exception) -> str:
+  """One line for a `--config.<field>=<value>` that does not apply, naming the flag and,
+  for a misspelt field, the nearest ones."""
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  quoted = re.findall(r"'([^'\\]+)", str(error))  # the missing key, as ml_collections quotes it
+  culprit = next((a for a in overrides for key in quoted[:1]
+                  if key in a.split("=", 1)[0].split(".")), None)
+  if culprit is None:
+    return f"error in the --config flags: {error}"
+  name = culprit.split("=", 1)[0][len("--config."):]
+  keys = _config_keys(argv)
+  if keys and name not in keys:
+    # The nearest full field names; failing those, fields whose last part is near.
+    near = difflib.get_close_matches(name, keys, n=3, cutoff=0.8)
+    if not near:
+      leaves = difflib.get_close_matches(name.rsplit(".", 1)[-1],
+                                         [k.rsplit(".", 1)[-1] for k in keys], n=3, cutoff=0.8)
+      near = [k for k in keys if k.rsplit(".", 1)[-1] in leaves][:3]
+    hint = f"; did you mean {', '.join('--config.' + k for k in near)}?" if near else ""
+    return f"error: --config.{name}: the config has no such field{hint}"
+  return f"error: {culprit}: {error}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config override that does not apply reported in one
+  line (the traceback too with --verbosity)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+      raise
+    print(config_override_error(argv, e), file=sys.stderr)
+    sys.exit(2)
+
+
 def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
   """Parses flags and runs `train_fn(config, workdir)`."""
 
@@ -118,4 +183,4 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
   # Without torch (a user's install), transformers' import advises on the console that its
   # PyTorch models are unavailable; jaxrlhf uses only its tokenizers and config files.
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)

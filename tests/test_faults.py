@@ -236,6 +236,10 @@ def test_unknown_config_keys_are_rejected(tmp_path):
       timeout=sp.CHILD_TIMEOUT_S)
   assert result.returncode != 0
   assert "learning_rat" in result.stderr + result.stdout
+  # One line for a person, with the field it probably meant; no traceback.
+  assert (result.stderr + result.stdout).strip().splitlines() == [
+      "error: --config.learning_rat: the config has no such field; did you mean "
+      "--config.optimizer.learning_rate?"]
   assert not (tmp_path / "checkpoints").exists()
   from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
   config = sft_config.get_config("test")
