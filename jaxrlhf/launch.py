@@ -139,6 +139,16 @@ def config_override_error(argv: list[str], error: Exception) -> str:
   return f"error: {culprit}: {error}"
 
 
+def _errors_for_people() -> tuple[type[BaseException], ...]:
+  from jaxrlhf.data import formats  # pylint: disable=g-import-not-at-top
+  from jaxrlhf.models import hf  # pylint: disable=g-import-not-at-top
+  return (formats.DataError, hf.CheckpointError, FileNotFoundError)
+
+
+def _verbose() -> bool:
+  return flags.FLAGS["verbosity"].present or flags.FLAGS["alsologtostderr"].value
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a config override that does not apply reported in one
   line (the traceback too with --verbosity)."""
@@ -172,7 +182,16 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
       from jaxrlhf import train_lib
       train_lib.enable_compilation_cache(_WORKDIR.value)
     logging.info("config:\n%s", _CONFIG.value)
-    train_fn(_CONFIG.value, _WORKDIR.value)
+    try:
+      train_fn(_CONFIG.value, _WORKDIR.value)
+    except _errors_for_people() as e:
+      # Bad input data or a bad checkpoint: the message names the file, line and field;
+      # the traceback goes to the log file (and to the console with --verbosity).
+      if _verbose():
+        raise
+      logging.info("stopped: %s", e, exc_info=True)
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
 
   flags.mark_flags_as_required(["config"])
   # `--help` lists the main module's key flags: these are every experiment script's.

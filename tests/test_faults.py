@@ -246,3 +246,13 @@ def test_unknown_config_keys_are_rejected(tmp_path):
   config.lock()
   with pytest.raises(AttributeError):
     config.optimizer.learning_rat = 0.1
+
+
+def test_a_truncated_safetensors_file_is_named(exported, tmp_path):
+  directory = tmp_path / "model"
+  shutil.copytree(exported, directory)
+  weights = directory / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  with pytest.raises(models.CheckpointError,
+                     match=r"model/model.safetensors: not a readable safetensors file"):
+    models.from_pretrained(str(directory))

@@ -58,3 +58,19 @@ def test_help_lists_the_flags_every_experiment_script_takes(tmp_path):
   for flag in ("--config:", "--config.<field>=<value>", "--workdir:",
                "--coordinator_address:", "--[no]fixed_reduction_order:"):
     assert flag in result.stdout, (flag, result.stdout)
+
+
+def test_bad_data_is_one_message_and_the_traceback_goes_to_the_log(tmp_path):
+  data = tmp_path / "demos.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n')
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      sp.python_command("experiments.sft", [
+          "--config=configs/sft.py:test", f"--config.data.train_file={data}",
+          f"--config.data.valid_file={data}", f"--workdir={workdir}"]),
+      cwd=sp.REPO, env=sp.child_env(1, tmp_path / "cache"), capture_output=True, text=True,
+      timeout=sp.CHILD_TIMEOUT_S)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"error: {data}, line 2, field 'prompt': expected a string, got int"], result.stderr
+  assert "Traceback" in (workdir / "log.txt").read_text()

@@ -311,7 +311,7 @@ def _decode_json_line(raw: bytes, source: Source) -> Any:
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", source=source,
+    raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", source=source,
                     field="<json>", reason="malformed_json") from None
 
 

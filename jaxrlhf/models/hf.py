@@ -242,6 +242,14 @@ def _abstract_params(model) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def _read_safetensors(filename: str) -> dict[str, np.ndarray]:
+  try:
+    return _read_safetensors_file(filename)
+  except (OSError, ValueError, KeyError, struct.error, safetensors.SafetensorError) as e:
+    raise CheckpointError(f"{filename}: not a readable safetensors file ({e}); a copy "
+                          "cut short or damaged? Export or copy it again.") from e
+
+
+def _read_safetensors_file(filename: str) -> dict[str, np.ndarray]:
   tensors = {}
   raw_bf16 = []
   with safetensors.safe_open(filename, framework="numpy") as f:

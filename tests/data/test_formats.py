@@ -213,3 +213,12 @@ def test_a_ranking_longer_than_k_max_is_a_bad_line_found_when_read(write_lines):
   examples, stats = data_lib.read("rankings", path, skip_invalid=True, k_max=3)
   assert [ex.prompt for ex in examples] == ["p", "r"]
   assert stats["skipped/too_many_responses"] == 1
+
+
+def test_malformed_json_reads_as_a_sentence(write_lines):
+  # json's own message may end in "at" ("Unterminated string starting at"): no "at at".
+  path = write_lines([b'{"prompt": "p", "response": "unterminated'])
+  with pytest.raises(data.DataError) as e:
+    data.read_examples("demonstrations", path)
+  assert str(e.value).endswith("line 1, field '<json>': malformed JSON: Unterminated "
+                               "string starting at (column 29)"), str(e.value)
