@@ -205,6 +205,13 @@ def test_config_errors_name_the_problem(chain, tmp_path):
   with pytest.raises(ValueError, match="config.ptx.data.train_file is empty while the "
                                        "prompts are your own"):
     ppo.train_and_evaluate(c, str(tmp_path / "k"))
+  # A reward model given as the policy: the error names the flag that was set.
+  c = ppo_config.get_config("test")
+  c.data.world_dir = chain["world_dir"]
+  c.policy_init_from = c.reward_init_from = str(chain["root"] / "reward_model" / "hf")
+  with pytest.raises(ValueError, match=r"^config.policy_init_from='.*' holds a "
+                                       r"scalar-head model"):
+    ppo.train_and_evaluate(c, str(tmp_path / "l"))
 
 
 def test_every_stage_left_checkpoints_and_an_export(chain):
