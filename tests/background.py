@@ -7,6 +7,12 @@ the order the jobs finish.
 
 A set-up is a function of a fresh directory; `job(name)` registers it under the name of
 the fixture that waits for it with `result(name)`, which raises what the set-up raised.
+
+The thread never calls into pytest's temporary-directory factory: the factory is not
+thread-safe. Its first call creates the session's base directory, and two threads making
+that first call at once create two, and the in-process test caught between them fails
+with "... is not a normalized and relative path". `start_session` makes the jobs' parent
+directory in the calling (main) thread; the thread only creates the subdirectories.
 """
 
 from __future__ import annotations
@@ -39,9 +45,21 @@ def registered() -> list[str]:
   return list(_ORDER)
 
 
-def start(names: list[str], make_dir: Callable[[str], pathlib.Path]) -> None:
-  """Runs the named set-ups one after another in a daemon thread (an interrupted session
-  does not wait for them; tests/subprocess_utils.py kills their children at exit)."""
+def start_session(factory, names: list[str]) -> pathlib.Path | None:
+  """Starts the named set-ups under one directory that `factory` (pytest's
+  TempPathFactory) makes here, in the calling thread; returns it (None: nothing to run)."""
+  names = [n for n in names if n not in _DONE]
+  if not names:
+    return None
+  root = factory.mktemp("background")
+  start(names, root)
+  return root
+
+
+def start(names: list[str], root: pathlib.Path) -> None:
+  """Runs the named set-ups one after another in a daemon thread, each in a new
+  directory `root / name` (an interrupted session does not wait for them;
+  tests/subprocess_utils.py kills their children at exit)."""
   names = [n for n in names if n not in _DONE]
   for name in names:
     _DONE[name] = threading.Event()
@@ -49,7 +67,9 @@ def start(names: list[str], make_dir: Callable[[str], pathlib.Path]) -> None:
   def run_all():
     for name in names:
       try:
-        _RESULTS[name] = {"value": _FUNCTIONS[name](make_dir(name))}
+        directory = root / name
+        directory.mkdir()
+        _RESULTS[name] = {"value": _FUNCTIONS[name](directory)}
       except BaseException as e:  # pylint: disable=broad-except
         _RESULTS[name] = {"error": e, "traceback": traceback.format_exc()}
       finally:

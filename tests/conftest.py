@@ -99,8 +99,7 @@ def pytest_collection_finish(session):
     return
   needed = {j for item in session.items for j in _background_jobs(item)}
   factory = session.config._tmp_path_factory  # pylint: disable=protected-access
-  background.start([n for n in background.registered() if n in needed],
-                   factory.mktemp)
+  background.start_session(factory, [n for n in background.registered() if n in needed])
 
 
 def pytest_report_header(config):
