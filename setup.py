@@ -28,6 +28,7 @@ setuptools.setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         "etils[epath]>=1.7",
+        "pyarrow>=14",  # Parquet and Arrow data files
     ],
     extras_require={
         "test": [

@@ -66,6 +66,9 @@ def get_config(arg=None):
   config.data.max_prompt_len = 32  # Prompt tokens kept (truncated on the left).
   config.data.max_response_len = 16  # Response tokens sampled per prompt, EOS included.
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.
+  # Record keys renamed before parsing, "name_in_file=expected_name,...", e.g.
+  # "question=prompt" (jaxrlhf/data/formats.py lists the layouts).
+  config.data.fields = ""
   config.data.shuffle_seed = 0  # Order of prompts; part of the checkpointed state.
 
   config.rollout = ml_collections.ConfigDict()
@@ -100,6 +103,7 @@ def get_config(arg=None):
   config.ptx.data.valid_file = ""  # Held-out text; both '' = the world's (not with your prompts).
   config.ptx.data.max_seq_len = 64  # Pretraining sequence length, tokens.
   config.ptx.data.shuffle_seed = 1  # Order of text; part of the checkpointed state.
+  config.ptx.data.fields = ""  # Record keys renamed, e.g. "content=text".
 
   config.ema_decay = 0.992  # EMA of policy weights, used for evaluation (the paper).
   config.policy_optimizer = _optimizer(3e-5)

@@ -44,6 +44,10 @@ def get_config(arg=None):
   config.data.max_prompt_len = 32  # Prompt tokens kept (left-truncated).
   config.data.max_response_len = 16  # Response tokens incl. EOS (right-truncated).
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.
+  # Record keys renamed before parsing, "name_in_file=expected_name,...", e.g.
+  # "question=prompt,better=chosen,worse=rejected" (jaxrlhf/data/formats.py).
+  config.data.fields = ""
+  config.data.demonstrations_fields = ""  # The same for demonstrations_file.
   config.data.shuffle_seed = 0  # Order of prompts (each with all its comparisons).
 
   config.normalize = ml_collections.ConfigDict()

@@ -39,6 +39,9 @@ def get_config(arg=None):
   config.data.max_prompt_len = 32  # Prompt tokens kept (truncated on the left).
   config.data.max_response_len = 16  # Response tokens kept incl. EOS (cut on the right).
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.
+  # Record keys renamed before parsing, "name_in_file=expected_name,...", e.g.
+  # "question=prompt,answer=response" (jaxrlhf/data/formats.py lists the layouts).
+  config.data.fields = ""
   config.data.shuffle_seed = 0  # Order of examples; part of the checkpointed state.
 
   config.batch_size = 32  # Global batch, sequences; must divide by the device count.

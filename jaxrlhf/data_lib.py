@@ -19,6 +19,7 @@ from etils import epath
 
 from jaxrlhf import parallel
 from jaxrlhf import data as data_pkg
+from jaxrlhf.data import formats
 from jaxrlhf.data.world import world as world_lib
 
 
@@ -86,14 +87,57 @@ def lengths_from_config(data: ml_collections.ConfigDict) -> data_pkg.Lengths:
                           text=data.get("max_seq_len", 64), k_max=data.get("k_max", 9))
 
 
-def read(kind: str, path: str, *, skip_invalid: bool, k_max: int | None = None):
+TFDS_PREFIX = "tfds:"
+
+
+def field_mapping(spec) -> dict[str, str]:
+  """`config.data.fields`, "question=prompt,answer=response" (or a dict): record keys
+  renamed before parsing, {name in the files: name the layout expects}."""
+  if not spec:
+    return {}
+  if isinstance(spec, str):
+    mapping = {}
+    for item in spec.split(","):
+      src, sep, dst = item.partition("=")
+      if not sep or not src.strip() or not dst.strip():
+        raise ValueError(f"config.data.fields={spec!r}: expected name_in_file=expected_name "
+                         f"pairs separated by commas, got {item!r}")
+      mapping[src.strip()] = dst.strip()
+    spec = mapping
+  return formats.check_fields(dict(spec))
+
+
+def _read_prepared(kind: str, path: str, fields: dict):
+  """Examples of a split that `tfds_builders.prepare` wrote: tfds:<data_dir>:<split>."""
+  from jaxrlhf.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  data_dir, _, split = path[len(TFDS_PREFIX):].rpartition(":")
+  if not data_dir or split not in tfds_builders.SPLITS:
+    raise ValueError(f"{path!r}: a prepared dataset is named tfds:<data_dir>:<split>, "
+                     f"split one of {', '.join(tfds_builders.SPLITS)}")
+  if fields:
+    raise ValueError(f"{path!r}: config.data.fields renames fields while a dataset is "
+                     "prepared (tfds_builders.prepare(..., fields=...)), not when it is read")
+  source = tfds_builders.load_prepared(kind, data_dir, split)
+  return list(source), source.parse_stats
+
+
+def read(kind: str, path: str, *, skip_invalid: bool, k_max: int | None = None,
+         fields=None):
   """Parsed examples and their parse statistics; bad lines raise or are counted.
 
-  Rankings with more responses than `k_max` (the K every ranking is padded to) are bad
-  lines too, found here rather than when the loader reaches them.
+  `path` is a file, directory or glob of JSONL, Parquet or Arrow files, or a split
+  prepared with `tfds_builders.prepare`, "tfds:<data_dir>:<split>". `fields` renames
+  record keys (see `field_mapping`). Rankings with more responses than `k_max` (the K
+  every ranking is padded to) are bad lines too, found here rather than when the loader
+  reaches them.
   """
-  stats = data_pkg.DataStats()
-  examples = data_pkg.read_examples(kind, path, skip_invalid=skip_invalid, stats=stats)
+  fields = field_mapping(fields)
+  if path.startswith(TFDS_PREFIX):
+    examples, stats = _read_prepared(kind, path, fields)
+  else:
+    stats = data_pkg.DataStats()
+    examples = data_pkg.read_examples(kind, path, skip_invalid=skip_invalid, stats=stats,
+                                      fields=fields)
   if kind == "rankings" and k_max is not None:
     kept = []
     for example in examples:
@@ -202,12 +246,12 @@ class DeviceIterator:
 
 def lm_data(kind: str, tokenizer, *, train_file: str, valid_file: str,
             lengths: data_pkg.Lengths, batch_size: int, shuffle_seed: int,
-            skip_invalid: bool, num_eval_batches: int = 0) -> StageData:
+            skip_invalid: bool, num_eval_batches: int = 0, fields=None) -> StageData:
   """Pretraining text (kind 'text') or demonstrations ('demonstrations'): a shuffled,
   never-ending train iterator over `train_file` and cached batches of `valid_file`."""
   per_device = parallel.check_batch_size(batch_size)
-  train, parse_stats = read(kind, train_file, skip_invalid=skip_invalid)
-  valid, _ = read(kind, valid_file, skip_invalid=skip_invalid)
+  train, parse_stats = read(kind, train_file, skip_invalid=skip_invalid, fields=fields)
+  valid, _ = read(kind, valid_file, skip_invalid=skip_invalid, fields=fields)
   loader = data_pkg.make_loader(kind, train, tokenizer, lengths,
                                 per_device_batch_size=per_device, seed=shuffle_seed,
                                 skip_invalid=skip_invalid, parse_stats=parse_stats)
@@ -226,21 +270,23 @@ def lm_data(kind: str, tokenizer, *, train_file: str, valid_file: str,
 # ---------------------------------------------------------------------------------------
 
 
-def score_batches(tokenizer, pairs: list[tuple[str, str]], lengths: data_pkg.Lengths,
+def score_batches(tokenizer, examples: list, lengths: data_pkg.Lengths,
                   per_device: int) -> list[dict]:
-  """Host batches [local_devices, per_device, T] of prompt+response+EOS sequences.
+  """Host batches [local_devices, per_device, T] of prompt+response+EOS sequences, from
+  demonstrations (any layout) or (prompt, response) pairs.
 
   `valid` marks real rows (the last batch is padded); `end_index` is the EOS, where a
   scalar-head model's score is read.
   """
   encoder = data_pkg.Encoder(tokenizer)
+  examples = [ex if isinstance(ex, data_pkg.Demonstration)
+              else data_pkg.Demonstration(prompt=ex[0], response=ex[1]) for ex in examples]
   n_dev = jax.local_device_count()
   chunk = n_dev * per_device
   batches = []
-  for start in range(0, len(pairs), chunk):
-    part = pairs[start:start + chunk]
-    rows = [data_pkg.tokenize_demonstration(data_pkg.Demonstration(prompt=p, response=r),
-                                            encoder, lengths) for p, r in part]
+  for start in range(0, len(examples), chunk):
+    part = examples[start:start + chunk]
+    rows = [data_pkg.tokenize_demonstration(ex, encoder, lengths) for ex in part]
     ids = np.stack([r["input_ids"] for r in rows])
     mask = np.stack([r["attention_mask"] for r in rows])
     pad = chunk - len(part)
@@ -289,10 +335,12 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
   lengths = lengths_from_config(config.data)
   per_device = parallel.check_batch_size(config.batch_size)
   skip_invalid = config.data.skip_invalid
+  fields = config.data.get("fields", "")
   train_path, valid_path, collected = ranking_files(config.data)
   train, parse_stats = read("rankings", train_path, skip_invalid=skip_invalid,
-                            k_max=lengths.k_max)
-  valid, _ = read("rankings", valid_path, skip_invalid=skip_invalid, k_max=lengths.k_max)
+                            k_max=lengths.k_max, fields=fields)
+  valid, _ = read("rankings", valid_path, skip_invalid=skip_invalid, k_max=lengths.k_max,
+                  fields=fields)
   loader = data_pkg.make_loader("rankings", train, tokenizer, lengths,
                                 per_device_batch_size=per_device,
                                 seed=config.data.shuffle_seed,
@@ -310,13 +358,13 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
   limit = config.normalize.max_sequences
 
   def demonstration_batches():
-    demos, _ = read("demonstrations", demo_path, skip_invalid=skip_invalid)
-    pairs = [(d.prompt, d.response) for d in demos if not d.is_chat][:limit]
-    return score_batches(tokenizer, pairs, lengths, per_device)
+    demos, _ = read("demonstrations", demo_path, skip_invalid=skip_invalid,
+                    fields=config.data.get("demonstrations_fields", ""))
+    return score_batches(tokenizer, demos[:limit], lengths, per_device)
 
   def policy_sample_batches():
-    pairs = [(ex.prompt, r) for ex in train for r in ex.responses][:limit]
-    return score_batches(tokenizer, pairs, lengths, per_device)
+    responses = [d for ex in train for d in ex.as_demonstrations()][:limit]
+    return score_batches(tokenizer, responses, lengths, per_device)
 
   return StageData(
       train_iter=DeviceIterator(loader), num_train_examples=len(train),
@@ -345,8 +393,11 @@ def prompt_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageD
   train_path, valid_path = files_or_world(config.data, workdir, "ppo",
                                           train=config.data.train_file,
                                           valid=config.data.valid_file)
-  train, parse_stats = read("prompts", train_path, skip_invalid=config.data.skip_invalid)
-  valid, _ = read("prompts", valid_path, skip_invalid=config.data.skip_invalid)
+  fields = config.data.get("fields", "")
+  train, parse_stats = read("prompts", train_path, skip_invalid=config.data.skip_invalid,
+                            fields=fields)
+  valid, _ = read("prompts", valid_path, skip_invalid=config.data.skip_invalid,
+                  fields=fields)
   loader = data_pkg.make_loader("prompts", train, tokenizer, lengths,
                                 per_device_batch_size=per_device,
                                 seed=config.data.shuffle_seed,

@@ -76,7 +76,8 @@ def stage_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> data_li
       train_file=train_file, valid_file=valid_file,
       lengths=data_lib.lengths_from_config(config.data), batch_size=config.batch_size,
       shuffle_seed=config.data.shuffle_seed, skip_invalid=config.data.skip_invalid,
-      num_eval_batches=config.get("num_eval_batches", 0))
+      num_eval_batches=config.get("num_eval_batches", 0),
+      fields=config.data.get("fields", ""))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

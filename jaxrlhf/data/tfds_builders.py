@@ -9,7 +9,9 @@ directory through `tfds.data_source`, with random access for grain:
     loader = make_loader("rankings", train, tokenizer, ...)
 
 `files_dir` holds one or more files per split named `train*.jsonl`,
-`validation*.jsonl`, `test*.jsonl` (and `*.txt` for text). Every example keeps
+`validation*.jsonl`, `test*.jsonl` (or `.parquet`, `.arrow`; and `*.txt` for text).
+Every stage reads a prepared split through its config:
+`config.data.train_file="tfds:<data_dir>:train"`. Every example keeps
 its "file:line" source. With `skip_invalid=True`, invalid examples are skipped
 and their counts stored in the dataset's metadata, reported again on loading.
 """
@@ -30,21 +32,48 @@ from jaxrlhf.data import formats
 from jaxrlhf.data.stats import DataStats
 
 SPLITS = ("train", "validation", "test")
-VERSION = tfds.core.Version("1.0.0")
+# 1.1.0: an `extra` JSON feature holds the chat form and the prompt span to shorten.
+VERSION = tfds.core.Version("1.1.0")
 
 _text = tfds.features.Text
 FEATURES = {
     "demonstrations": lambda: tfds.features.FeaturesDict({
         "prompt": _text(), "response": _text(),
         "messages": tfds.features.Sequence({"role": _text(), "content": _text()}),
-        "source": _text()}),
+        "source": _text(), "extra": _text()}),
     "rankings": lambda: tfds.features.FeaturesDict({
         "prompt": _text(), "responses": tfds.features.Sequence(_text()),
-        "ranks": tfds.features.Sequence(np.int32), "source": _text()}),
+        "ranks": tfds.features.Sequence(np.int32), "source": _text(), "extra": _text()}),
     "prompts": lambda: tfds.features.FeaturesDict({
-        "prompt": _text(), "meta": _text(), "source": _text()}),
+        "prompt": _text(), "meta": _text(), "source": _text(), "extra": _text()}),
     "text": lambda: tfds.features.FeaturesDict({"text": _text(), "source": _text()}),
 }
+
+
+# Fields of the typed examples beyond the plain features, stored as JSON in `extra`.
+_EXTRA = {
+    formats.Demonstration: ("final_turn_only", "prompt_cut"),
+    formats.Ranking: ("prompt_messages", "response_messages", "prompt_cut"),
+    formats.Prompt: ("messages", "prompt_cut"),
+}
+
+
+def _extra(example) -> str:
+  fields = {name: getattr(example, name) for name in _EXTRA[type(example)]}
+  return json.dumps({**fields, "source_unit": example.source.unit})
+
+
+def _tuples(value):
+  """JSON lists back to the nested tuples of the example dataclasses."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _from_extra(record: dict[str, Any], source: formats.Source) -> dict[str, Any]:
+  """The example's extra fields, and its source with the unit it was read in."""
+  extra = json.loads(_str(record["extra"])) if "extra" in record else {}
+  unit = extra.pop("source_unit", source.unit)
+  return {"source": formats.Source(source.file, source.line, unit),
+          **{name: _tuples(value) for name, value in extra.items()}}
 
 
 def _to_features(example: formats.Example) -> dict[str, Any]:
@@ -52,12 +81,14 @@ def _to_features(example: formats.Example) -> dict[str, Any]:
   if isinstance(example, formats.Demonstration):
     return {"prompt": example.prompt, "response": example.response, "source": source,
             "messages": {"role": [r for r, _ in example.messages],
-                         "content": [c for _, c in example.messages]}}
+                         "content": [c for _, c in example.messages]},
+            "extra": _extra(example)}
   if isinstance(example, formats.Ranking):
     return {"prompt": example.prompt, "responses": list(example.responses),
-            "ranks": list(example.ranks), "source": source}
+            "ranks": list(example.ranks), "source": source, "extra": _extra(example)}
   if isinstance(example, formats.Prompt):
-    return {"prompt": example.prompt, "meta": json.dumps(example.meta), "source": source}
+    return {"prompt": example.prompt, "meta": json.dumps(example.meta), "source": source,
+            "extra": _extra(example)}
   return {"text": example.text, "source": source}
 
 
@@ -77,19 +108,21 @@ def from_features(kind: str, record: dict[str, Any]) -> formats.Example:
     roles = [_str(r) for r in record["messages"]["role"]]
     contents = [_str(c) for c in record["messages"]["content"]]
     return formats.Demonstration(_str(record["prompt"]), _str(record["response"]),
-                                 tuple(zip(roles, contents)), source)
+                                 tuple(zip(roles, contents)), **_from_extra(record, source))
   if kind == "rankings":
     return formats.Ranking(_str(record["prompt"]),
                            tuple(_str(r) for r in record["responses"]),
-                           tuple(int(r) for r in record["ranks"]), source)
+                           tuple(int(r) for r in record["ranks"]),
+                           **_from_extra(record, source))
   if kind == "prompts":
-    return formats.Prompt(_str(record["prompt"]), json.loads(_str(record["meta"])), source)
+    return formats.Prompt(_str(record["prompt"]), json.loads(_str(record["meta"])),
+                          **_from_extra(record, source))
   return formats.Text(_str(record["text"]), source)
 
 
 def split_files(kind: str, files_dir: str) -> dict[str, list[str]]:
   """{split: files} found in `files_dir`; raises if there are none."""
-  extensions = ("jsonl", "txt") if kind == "text" else ("jsonl",)
+  extensions = ("jsonl", "parquet", "arrow") + (("txt",) if kind == "text" else ())
   found = {}
   for split in SPLITS:
     files = sorted(f for ext in extensions
@@ -110,9 +143,11 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = VERSION
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put the data files in the manual dir, one or more per split: train*.jsonl, "
-      "validation*.jsonl, test*.jsonl (or *.txt, one document a line, for text).")
+      "validation*.jsonl, test*.jsonl (or .parquet, .arrow; or *.txt, one document a "
+      "line, for text).")
   # Set on the instance before download_and_prepare; see `prepare`.
   skip_invalid = False
+  fields: dict[str, str] = {}
 
   # tfds 4.9 looks the builder's file up through `importlib_resources`, a package
   # it only installs for Python < 3.9; the plain file path is what it would find.
@@ -134,7 +169,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     stats = DataStats()
     for file in files:
       for example in formats.iter_file(self.KIND, file, skip_invalid=self.skip_invalid,
-                                       stats=stats):
+                                       stats=stats, fields=self.fields):
         yield str(example.source), _to_features(example)
     # Runs once the split is written, before the dataset info is saved.
     self.info.metadata[f"stats/{split}"] = stats.as_dict()
@@ -165,12 +200,15 @@ BUILDERS = {b.KIND: b for b in (JaxrlhfDemonstrations, JaxrlhfRankings, JaxrlhfP
                                 JaxrlhfText)}
 
 
-def prepare(kind: str, files_dir: str, data_dir: str, *,
-            skip_invalid: bool = False) -> tfds.core.DatasetBuilder:
-  """Parses `files_dir` and writes the prepared `kind` dataset under `data_dir`."""
+def prepare(kind: str, files_dir: str, data_dir: str, *, skip_invalid: bool = False,
+            fields: dict[str, str] | None = None) -> tfds.core.DatasetBuilder:
+  """Parses `files_dir` and writes the prepared `kind` dataset under `data_dir`; every
+  stage reads a split of it as `config.data.train_file="tfds:<data_dir>:train"`.
+  `fields` renames record keys first (formats.rename_fields)."""
   split_files(kind, files_dir)  # a clear error before TFDS's own
   builder = BUILDERS[kind](data_dir=data_dir, file_format="array_record")
   builder.skip_invalid = skip_invalid
+  builder.fields = formats.check_fields(fields)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=files_dir))
   return builder

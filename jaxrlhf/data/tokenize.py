@@ -1,7 +1,9 @@
 """Tokenisation of parsed examples to the fixed-shape numpy dicts the trainers eat.
 
 Prompts are truncated on the left (the end of a prompt is what the response
-answers), responses on the right, and every response ends with EOS. Each
+answers), except where the example marks the span to shorten (a TL;DR post: the
+template around it is kept whole); responses are cut on the right, and every
+plain response ends with EOS. Chats are rendered with the tokenizer's chat template. Each
 function returns the model fields plus a `_stats` dict of 0/1 truncation flags
 that the loader strips off and counts. All index/mask arrays are int32;
 `pair_mask` is float32.
@@ -74,6 +76,35 @@ class Encoder:
   def prefix(self) -> list[int]:
     return [self.bos_id] if self.add_bos else []
 
+  def _render(self, messages, generation_prompt: bool, source) -> str:
+    dicts = [{"role": role, "content": content} for role, content in messages]
+    try:
+      return self.tokenizer.apply_chat_template(
+          dicts, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja raises for roles/orderings a template rejects
+      raise DataError(f"the tokenizer's chat template rejected the conversation: {e}",
+                      source=source, field="messages", reason="chat_template") from None
+
+  def chat_prompt(self, messages: Sequence[tuple[str, str]], source=None) -> list[int]:
+    """A conversation rendered up to the assistant's reply (the generation prompt)."""
+    return self.encode(self._render(messages, True, source))
+
+  def chat_split(self, prompt: Sequence[tuple[str, str]],
+                 completion: Sequence[tuple[str, str]], source=None) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a conversation rendered whole: the prompt runs up
+    to the end of the generation prompt that precedes the completion."""
+    start_text = self._render(prompt, True, source)
+    full = self._render(tuple(prompt) + tuple(completion), False, source)
+    if not full.startswith(start_text):
+      raise DataError("the chat template does not render the prompt as a prefix of the "
+                      "whole conversation, so the completion cannot be located",
+                      source=source, field="messages", reason="chat_template")
+    encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    cut = next((t for t, (s, _) in enumerate(encoded["offset_mapping"])
+                if s >= len(start_text)), len(ids))
+    return ids[:cut], ids[cut:]
+
   def chat(self, messages: Sequence[tuple[str, str]], source=None) -> tuple[list[int], list[int], int]:
     """Renders a chat with the tokenizer's template.
 
@@ -82,17 +113,10 @@ class Encoder:
     between the generation prompt that precedes the turn and the end of the turn
     (its closing token included). Turns after the last assistant turn are cut.
     """
-    dicts = [{"role": role, "content": content} for role, content in messages]
-
     def render(upto: int, generation_prompt: bool) -> str:
       if upto == 0 and not generation_prompt:
         return ""
-      try:
-        return self.tokenizer.apply_chat_template(
-            dicts[:upto], tokenize=False, add_generation_prompt=generation_prompt)
-      except Exception as e:  # jinja raises for roles/orderings a template rejects
-        raise DataError(f"the tokenizer's chat template rejected the conversation: {e}",
-                        source=source, field="messages", reason="chat_template") from None
+      return self._render(messages[:upto], generation_prompt, source)
 
     last = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
     full = render(last + 1, False)
@@ -118,14 +142,45 @@ def _stats(**flags: int) -> dict[str, np.ndarray]:
   return {key: np.int32(flags.get(key.replace("/", "_"), 0)) for key in STAT_KEYS}
 
 
-def _prompt_tokens(encoder: Encoder, prompt: str, budget: int) -> tuple[list[int], bool]:
-  """Left-truncates a prompt to `budget` tokens, keeping the BOS."""
-  body = encoder.encode(prompt)
-  room = budget - len(encoder.prefix())
-  truncated = len(body) > room
-  if truncated:
-    body = body[len(body) - room:]
-  return encoder.prefix() + body, truncated
+def _prompt_tokens(encoder: Encoder, prompt: str, budget: int, cut=None,
+                   source=None) -> tuple[list[int], bool]:
+  """A prompt in at most `budget` tokens, the BOS kept: truncated on the left, or, where
+  `cut` marks a span of it (a TL;DR post), that span is shortened from its end and the
+  text around it is kept whole. The three parts are tokenised apart in that case, at
+  the boundaries the TL;DR template puts there (a space before the post, a blank line
+  after it)."""
+  if cut is None:
+    body = encoder.encode(prompt)
+    room = budget - len(encoder.prefix())
+    truncated = len(body) > room
+    if truncated:
+      body = body[len(body) - room:]
+    return encoder.prefix() + body, truncated
+  start, end = cut
+  head, middle, tail = (encoder.encode(prompt[:start]), encoder.encode(prompt[start:end]),
+                        encoder.encode(prompt[end:]))
+  room = budget - len(encoder.prefix()) - len(head) - len(tail)
+  if room < 1:
+    raise DataError(f"the prompt without its post takes {budget - room} tokens, more than "
+                    f"the prompt budget of {budget} (config.data.max_prompt_len)",
+                    source=source, field="prompt", reason="prompt_too_long")
+  truncated = len(middle) > room
+  return encoder.prefix() + head + middle[:room] + tail, truncated
+
+
+def _cut_left(ids: list[int], budget: int, bos_id: int | None) -> tuple[list[int], bool]:
+  """Keeps the last tokens of a rendered chat prompt, and the BOS it may start with."""
+  if len(ids) <= budget:
+    return ids, False
+  keep_bos = int(bos_id is not None and bool(ids) and ids[0] == bos_id)
+  return ids[:keep_bos] + ids[len(ids) - (budget - keep_bos):], True
+
+
+def _cut_right(ids: list[int], budget: int, eos_id: int) -> tuple[list[int], bool]:
+  """Keeps the first tokens of a rendered completion, ending a cut one with EOS."""
+  if len(ids) <= budget:
+    return ids, False
+  return ids[:budget - 1] + [eos_id], True
 
 
 def _response_tokens(encoder: Encoder, response: str, budget: int) -> tuple[list[int], bool]:
@@ -162,13 +217,16 @@ def tokenize_demonstration(example: Demonstration, encoder: Encoder,
                            lengths: Lengths) -> dict[str, Any]:
   """SFT example of length P + R: prompt, response + EOS, right padding."""
   if not example.is_chat:
-    prompt_ids, prompt_cut = _prompt_tokens(encoder, example.prompt, lengths.prompt)
+    prompt_ids, prompt_cut = _prompt_tokens(encoder, example.prompt, lengths.prompt,
+                                            example.prompt_cut, example.source)
     response_ids, response_cut = _response_tokens(encoder, example.response, lengths.response)
     targets = [0] * len(prompt_ids) + [1] * len(response_ids)
     out = _lm_fields(prompt_ids, response_ids, targets, lengths.sequence, encoder.pad_id)
     out["_stats"] = _stats(truncated_prompt=prompt_cut, truncated_response=response_cut)
     return out
   ids, targets, final_start = encoder.chat(example.messages, example.source)
+  if example.final_turn_only:
+    targets = [0] * final_start + targets[final_start:]
   prompt_ids, prompt_targets = ids[:final_start], targets[:final_start]
   response_ids, response_targets = ids[final_start:], targets[final_start:]
   prompt_cut = len(prompt_ids) > lengths.prompt
@@ -203,14 +261,25 @@ def tokenize_ranking(example: Ranking, encoder: Encoder, lengths: Lengths) -> di
   if k > k_max:
     raise DataError(f"{k} responses but the loader pads rankings to k_max={k_max}",
                     source=example.source, field="responses", reason="too_many_responses")
-  prompt_ids, prompt_cut = _prompt_tokens(encoder, example.prompt, lengths.prompt)
+  if example.is_chat:
+    split = [encoder.chat_split(example.prompt_messages, turns, example.source)
+             for turns in example.response_messages]
+    if any(ids != split[0][0] for ids, _ in split):
+      raise DataError("the chat template renders the shared prompt differently before "
+                      "different responses", source=example.source, field="prompt",
+                      reason="chat_template")
+    prompt_ids, prompt_cut = _cut_left(split[0][0], lengths.prompt, encoder.bos_id)
+    responses = [_cut_right(ids, lengths.response, encoder.eos_id) for _, ids in split]
+  else:
+    prompt_ids, prompt_cut = _prompt_tokens(encoder, example.prompt, lengths.prompt,
+                                            example.prompt_cut, example.source)
+    responses = [_response_tokens(encoder, r, lengths.response) for r in example.responses]
   rows = {name: np.zeros((k_max, length), np.int32)
           for name in ("attention_mask", "prompt_mask", "response_mask")}
   input_ids = np.full((k_max, length), encoder.pad_id, np.int32)
   end_index = np.zeros((k_max,), np.int32)
   responses_cut = 0
-  for i, response in enumerate(example.responses):
-    response_ids, cut = _response_tokens(encoder, response, lengths.response)
+  for i, (response_ids, cut) in enumerate(responses):
     responses_cut += cut
     fields = _lm_fields(prompt_ids, response_ids, [], length, encoder.pad_id)
     input_ids[i] = fields["input_ids"]
@@ -231,7 +300,12 @@ def tokenize_ranking(example: Ranking, encoder: Encoder, lengths: Lengths) -> di
 
 def tokenize_prompt(example: Prompt, encoder: Encoder, lengths: Lengths) -> dict[str, Any]:
   """Left-padded prompt for the sampler: real tokens end at the last position."""
-  prompt_ids, prompt_cut = _prompt_tokens(encoder, example.prompt, lengths.prompt)
+  if example.is_chat:
+    prompt_ids, prompt_cut = _cut_left(encoder.chat_prompt(example.messages, example.source),
+                                       lengths.prompt, encoder.bos_id)
+  else:
+    prompt_ids, prompt_cut = _prompt_tokens(encoder, example.prompt, lengths.prompt,
+                                            example.prompt_cut, example.source)
   ids = np.full((lengths.prompt,), encoder.pad_id, np.int32)
   mask = np.zeros((lengths.prompt,), np.int32)
   ids[lengths.prompt - len(prompt_ids):] = prompt_ids

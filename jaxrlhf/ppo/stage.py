@@ -177,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  response=config.data.max_response_len,
                                  text=ptx.data.max_seq_len),
         batch_size=ptx_batch_size(config), shuffle_seed=ptx.data.shuffle_seed,
-        skip_invalid=config.data.skip_invalid, num_eval_batches=ptx.num_eval_batches)
+        skip_invalid=config.data.skip_invalid, num_eval_batches=ptx.num_eval_batches,
+        fields=ptx.data.get("fields", ""))
   prompt_iter = prompt_data.train_iter
   ptx_iter = pretrain_data.train_iter if use_ptx else None
 

@@ -28,3 +28,11 @@ def write_lines(tmp_path):
     return str(path)
 
   return write
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+  """A byte-level BPE tokenizer trained on English text, with a chat template."""
+  from jaxrlhf import models
+  from tests import bpe_tokenizer as bpe
+  return models.load_tokenizer(bpe.save_bpe_tokenizer(tmp_path_factory.mktemp("bpe")))

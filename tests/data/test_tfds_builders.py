@@ -91,3 +91,35 @@ def test_missing_files_are_reported(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="train"):
     tfds_builders.prepare("text", str(tmp_path / "empty"), str(tmp_path / "tfds"))
+
+
+def test_reference_layouts_from_parquet_prepare_and_load_through_a_stage_config(tmp_path):
+  """TL;DR and conversational records in Parquet, renamed by a field mapping, prepared
+  once, and read back by `data_lib.read` the way every stage's config names them."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from jaxrlhf import data_lib
+  from tests.data import test_layouts as layouts
+  files = tmp_path / "files"
+  files.mkdir()
+  # "body" is the file's name for the post; the mapping renames it.
+  records = [{("body" if k == "post" else k): v for k, v in layouts.TLDR.items()},
+             {"prompt": layouts.CHAT, "completion": [layouts.CHOSEN], "body": None}]
+  for i, record in enumerate(records):
+    pq.write_table(pa.Table.from_pylist([record]), str(files / f"train-{i}.parquet"))
+  write_split(files, "validation", [{"prompt": "q", "response": "a"}])
+  tfds_builders.prepare("demonstrations", str(files), str(tmp_path / "tfds"),
+                        fields={"body": "post"})
+  examples, stats = data_lib.read("demonstrations", f"tfds:{tmp_path / 'tfds'}:train",
+                                  skip_invalid=False)
+  from_files = data.read_examples("demonstrations", sorted(map(str, files.glob("*.parquet"))),
+                                  fields={"body": "post"})
+  assert sorted(examples, key=lambda e: e.source.file) == from_files
+  assert from_files[0].prompt_cut is not None and from_files[1].final_turn_only
+  assert from_files[0].source.unit == "row"
+  assert stats["examples_read"] == 2
+  with pytest.raises(ValueError, match="tfds:<data_dir>:<split>"):
+    data_lib.read("demonstrations", f"tfds:{tmp_path / 'tfds'}:dev", skip_invalid=False)
+  with pytest.raises(ValueError, match="while a dataset is prepared"):
+    data_lib.read("demonstrations", f"tfds:{tmp_path / 'tfds'}:train", skip_invalid=False,
+                  fields="body=post")
