@@ -179,7 +179,36 @@ def get_config(arg=None):
     config.eval_every = 25
     config.num_eval_batches = 8
     config.checkpoint_every = 25
+  elif variant == "tldr":
+    # TL;DR summarisation (Huang et al. 2024; jaxrlhf/config_lib.py says where each value
+    # comes from): prompts in the filtered TL;DR layout, plain PPO (no pretraining mix).
+    config.model = config_lib.model_preset("gpt2")
+    config.tokenizer = ""
+    config.data.max_prompt_len = config_lib.TLDR_MAX_PROMPT_LEN
+    config.data.max_response_len = config_lib.TLDR_MAX_SUMMARY_LEN  # ppo.py response_length.
+    config.rollout.temperature = 0.7  # ppo.py temperature; the learner divides by it too.
+    config.reward.penalty_score = -1.0  # ppo.py: a summary without EOS scores -1.
+    config.batch_size = 512  # 8 GPUs x 64 episodes.
+    config.minibatch_size = 512  # nminibatches = 1
+    config.num_ppo_epochs = 4  # noptepochs
+    config.num_iterations = 1953  # total_episodes 1e6 / 512
+    config.kl.controller = "fixed"
+    config.kl.init_coef = 0.05  # kl_coef
+    config.ppo.clip_eps = 0.2  # cliprange
+    config.ppo.value_clip_eps = 0.2  # cliprange_value
+    config.ppo.gae_gamma = 1.0
+    config.ppo.gae_lambda = 0.95
+    # ppo.py optimises policy and value jointly with vf_coef 0.1; here each has its own
+    # Adam, which is invariant to a constant scale of its loss, so there is no vf_coef.
+    config.ptx.coef = 0.0
+    config.ptx.eval_nll = False
+    # ppo.py anneals the learning rate linearly to 0 once per iteration; here per update.
+    config.policy_optimizer = config_lib.tldr_optimizer("linear")
+    config.value_optimizer = config_lib.tldr_optimizer("linear")
+    config.eval_every = 50
+    config.num_eval_batches = 8
+    config.checkpoint_every = 25
   else:
     raise ValueError(f"configs/ppo.py: unknown variant {variant!r}; "
-                     "use tiny, tiny_ptx, test, gpt2 or llama")
+                     "use tiny, tiny_ptx, test, gpt2, llama or tldr")
   return config

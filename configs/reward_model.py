@@ -91,7 +91,25 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 10
     config.eval_every = 200
     config.checkpoint_every = 200
+  elif variant == "tldr":
+    # TL;DR summarisation (Huang et al. 2024; jaxrlhf/config_lib.py says where each value
+    # comes from): OpenAI's summarize-from-feedback comparisons, {info, summaries,
+    # choice}; demonstrations_file: the SFT data, whose reference summaries score 0 on
+    # average after training (reward.py shifts by their mean score; no scaling).
+    config.model = config_lib.model_preset("gpt2")
+    config.tokenizer = ""
+    config.data.k_max = 2  # Pairs.
+    config.data.max_prompt_len = config_lib.TLDR_MAX_PROMPT_LEN
+    config.data.max_response_len = config_lib.TLDR_MAX_RM_RESPONSE_LEN
+    config.normalize.policy_samples = False
+    config.dropout_rate = 0.0  # reward.py: disable_dropout.
+    config.batch_size = 64  # 8 GPUs x gradient_accumulation_steps 8 x micro-batch 1.
+    config.num_epochs = 1  # reward.py: num_train_epochs (total_episodes 92832, the train split).
+    config.optimizer = config_lib.tldr_optimizer("cosine")
+    config.log_every = 10
+    config.eval_every = 200
+    config.checkpoint_every = 200
   else:
     raise ValueError(f"configs/reward_model.py: unknown variant {variant!r}; "
-                     "use tiny, test, gpt2 or llama")
+                     "use tiny, test, gpt2, llama or tldr")
   return config

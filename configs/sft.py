@@ -89,7 +89,24 @@ def get_config(arg=None):
     config.log_every = 10
     config.eval_every = 500
     config.checkpoint_every = 500
+  elif variant == "tldr":
+    # TL;DR summarisation (Huang et al. 2024; jaxrlhf/config_lib.py says where each value
+    # comes from): demonstrations in the filtered TL;DR layout, {subreddit, title, post,
+    # summary} (jaxrlhf/data/formats.py). The reproduction fine-tunes Pythia, a GPT-NeoX
+    # model, which jaxrlhf does not implement: give a GPT-2, Llama or Qwen2 checkpoint
+    # and its tokenizer (init_from, tokenizer) and both data files.
+    config.model = config_lib.model_preset("gpt2")
+    config.tokenizer = ""
+    config.data.max_prompt_len = config_lib.TLDR_MAX_PROMPT_LEN
+    config.data.max_response_len = config_lib.TLDR_MAX_SUMMARY_LEN
+    config.dropout_rate = 0.0  # sft.py: disable_dropout.
+    config.batch_size = 128  # 8 GPUs x gradient_accumulation_steps 16 x micro-batch 1.
+    config.num_epochs = 1  # sft.py: num_train_epochs.
+    config.optimizer = config_lib.tldr_optimizer("cosine")
+    config.log_every = 10
+    config.eval_every = 200
+    config.checkpoint_every = 200
   else:
     raise ValueError(f"configs/sft.py: unknown variant {variant!r}; "
-                     "use tiny, test, gpt2 or llama")
+                     "use tiny, test, gpt2, llama or tldr")
   return config

@@ -53,3 +53,34 @@ def world_config(scale: float = 0.05, seed: int = 0) -> ml_collections.ConfigDic
   cfg.demo_filler_rate = 0.25  # Chance a demonstration ends with chatty filler.
   cfg.labeler_agreement = 0.73  # Two simulated labelers agree on this share of pairs.
   return cfg
+
+
+# The TL;DR summarisation reproduction of Huang et al. (2024), "The N+ Implementation
+# Details of RLHF with PPO: A Case Study on TL;DR Summarization", as released in
+# github.com/vwxyzjn/summarize_from_feedback_details (summarize_from_feedback_details/
+# sft.py, reward.py, ppo.py and tldr_dataset.py). The `:tldr` presets of configs/sft.py,
+# reward_model.py and ppo.py take their settings from there.
+TLDR_MAX_PROMPT_LEN = 512  # tldr_dataset.py: length=512, the post cut to fit.
+TLDR_MAX_SUMMARY_LEN = 53  # tldr_dataset.py max_sft_response_length; ppo.py response_length.
+TLDR_MAX_RM_RESPONSE_LEN = 169  # tldr_dataset.py max_rm_response_length.
+
+
+def tldr_optimizer(schedule: str) -> ml_collections.ConfigDict:
+  """The reproduction's optimizer for all three stages: torch AdamW at lr 3e-6 and eps
+  1e-5 (sft.py, reward.py, ppo.py), with torch's defaults for what they leave unset
+  (betas 0.9 and 0.999, weight decay 0.01 on every parameter), no warm-up and no
+  gradient clipping; the learning rate decays to 0 (`schedule`: cosine for SFT and
+  the reward model, linear for PPO)."""
+  from jaxrlhf import optim  # pylint: disable=g-import-not-at-top
+  cfg = optim.default_optimizer_config()
+  cfg.name = "adamw"
+  cfg.learning_rate = 3e-6
+  cfg.eps = 1e-5
+  cfg.b1, cfg.b2 = 0.9, 0.999
+  cfg.weight_decay = 0.01
+  cfg.decay_matrices_only = False
+  cfg.schedule = schedule
+  cfg.warmup_steps = 0
+  cfg.final_lr_fraction = 0.0
+  cfg.grad_clip_norm = 0.0
+  return cfg

@@ -13,7 +13,7 @@ import optax
 
 Schedule = Callable[[jax.Array], jax.Array]
 
-SCHEDULES = ("constant", "warmup_constant", "cosine")
+SCHEDULES = ("constant", "warmup_constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -28,7 +28,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   cfg.tf_style_eps = False  # TensorFlow Adam: eps added to the uncorrected sqrt(v).
   cfg.weight_decay = 0.0  # Decoupled weight decay (adamw only), multiplied by the lr.
   cfg.decay_matrices_only = True  # Skip weight decay on vectors (biases, norm scales).
-  cfg.schedule = "constant"  # 'constant', 'warmup_constant' or 'cosine'.
+  cfg.schedule = "constant"  # 'constant', 'warmup_constant', 'cosine' or 'linear'.
   cfg.warmup_steps = 0  # Linear warm-up length, in optimizer updates.
   cfg.warmup_init_fraction = 0.0  # Warm-up starts at this fraction of the peak (PPO: 0.1).
   cfg.final_lr_fraction = 0.1  # Cosine decays to this fraction of the peak (SFT: 0.1).
@@ -108,11 +108,13 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None
     `warmup_steps` updates, then constant (InstructGPT PPO: 10 updates from 1/10).
   - cosine: the same warm-up, then cosine decay reaching
     `final_lr_fraction * learning_rate` at `total_steps` and staying there.
+  - linear: the same warm-up, then linear decay to the same floor at `total_steps`
+    (the TL;DR PPO reproduction anneals its learning rate linearly to 0).
 
   Args:
     cfg: an optimizer section (see `default_optimizer_config`).
     total_steps: optimizer updates in the run (not microbatches); overrides
-      `cfg.total_steps`. Only the cosine schedule needs it.
+      `cfg.total_steps`. The cosine and linear schedules need it.
     updates_per_warmup_unit: updates per unit of `cfg.warmup_iterations`, for a stage
       that states its warm-up in iterations of several updates each (PPO; InstructGPT:
       10 iterations); `warmup_steps` counts updates and is used when that is unset.
@@ -134,12 +136,15 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None
     total_steps = total_steps if total_steps is not None else cfg.get("total_steps")
     if total_steps is None or total_steps <= warmup_steps:
       raise ValueError(
-          "the cosine schedule needs total_steps (make_optimizer argument or config field "
-          f"`total_steps`) larger than `warmup_steps`={warmup_steps}; got {total_steps}."
-      )
-    after = optax.cosine_decay_schedule(
-        peak, total_steps - warmup_steps, alpha=float(cfg.final_lr_fraction)
-    )
+          f"the {cfg.schedule} schedule needs total_steps (make_optimizer argument or "
+          f"config field `total_steps`) larger than `warmup_steps`={warmup_steps}; got "
+          f"{total_steps}.")
+    if cfg.schedule == "cosine":
+      after = optax.cosine_decay_schedule(
+          peak, total_steps - warmup_steps, alpha=float(cfg.final_lr_fraction))
+    else:
+      after = optax.linear_schedule(peak, peak * float(cfg.final_lr_fraction),
+                                    total_steps - warmup_steps)
   if warmup_steps == 0:
     return after
   return optax.join_schedules([warmup, after], [warmup_steps])

@@ -65,6 +65,9 @@ class Stage:
     self.name, self.config, self.unit = name, config, unit
     self.workdir = epath.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
+    if not config.get("tokenizer"):
+      raise ValueError("config.tokenizer is empty: give the directory of your checkpoint's "
+                       "tokenizer (the Hugging Face directory of init_from, usually).")
     self.tokenizer = models.load_tokenizer(config.tokenizer)
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
     self.writer: metrics_lib.MetricWriter | None = None

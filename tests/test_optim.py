@@ -98,7 +98,7 @@ def test_adam_with_weight_decay_is_an_error():
   with pytest.raises(ValueError, match="weight_decay"):
     optim.make_optimizer(_config(name="adam", weight_decay=0.1))
   with pytest.raises(ValueError, match="`schedule`"):
-    optim.make_schedule(_config(schedule="linear"))
+    optim.make_schedule(_config(schedule="exponential"))
 
 
 def test_warmup_constant_schedule():
@@ -127,6 +127,19 @@ def test_cosine_schedule_decays_to_floor():
   np.testing.assert_allclose([no_warmup(0), no_warmup(10)], [1.0, 0.1], rtol=1e-6)
   with pytest.raises(ValueError, match="total_steps"):
     optim.make_schedule(cfg)
+
+
+def test_linear_schedule_decays_to_floor():
+  schedule = optim.make_schedule(_config(learning_rate=3e-6, schedule="linear",
+                                         final_lr_fraction=0.0), total_steps=8)
+  np.testing.assert_allclose([schedule(s) for s in (0, 2, 4, 8, 20)],
+                             [3e-6, 2.25e-6, 1.5e-6, 0.0, 0.0], rtol=1e-6, atol=1e-14)
+  warm = optim.make_schedule(_config(learning_rate=1.0, schedule="linear", warmup_steps=2,
+                                     final_lr_fraction=0.5), total_steps=6)
+  np.testing.assert_allclose([warm(s) for s in (0, 1, 2, 4, 6)], [0, 0.5, 1, 0.75, 0.5],
+                             rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="the linear schedule needs total_steps"):
+    optim.make_schedule(_config(learning_rate=1.0, schedule="linear"))
 
 
 def test_optimizer_applies_schedule(problem):

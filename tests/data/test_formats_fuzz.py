@@ -25,7 +25,8 @@ SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
 PER_FILE_TIMEOUT_S = 20  # a parse that takes longer counts as a hang
 
 FIELDS = ["prompt", "response", "responses", "ranks", "chosen", "rejected", "text",
-          "messages", "role", "content", "meta", "x"]
+          "messages", "role", "content", "meta", "x", "completion", "subreddit", "title",
+          "post", "summary", "info", "summaries", "choice"]
 HH = [formats.HH_HUMAN, formats.HH_ASSISTANT, "\n\n", "Human:", "Assistant:"]
 
 text = st.one_of(
@@ -49,6 +50,24 @@ rankings = st.fixed_dictionaries({
     "ranks": st.lists(st.integers(-3, 12) | st.booleans() | st.floats(), max_size=12)})
 
 
+messages = st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "assistant", "system"]) | text,
+    "content": text | json_values}), max_size=4)
+# TL;DR posts and comparisons; TRL's conversational preferences and prompt-completions.
+tldr = st.fixed_dictionaries({"subreddit": text, "title": text, "post": text | json_values},
+                             optional={"summary": text | json_values})
+comparison = st.fixed_dictionaries({
+    "info": st.fixed_dictionaries({"subreddit": text, "title": text, "post": text})
+            | json_values,
+    "summaries": st.lists(st.fixed_dictionaries({"text": text | json_values}) | json_values,
+                          max_size=4),
+    "choice": st.integers(-2, 4) | json_values})
+conversational = st.fixed_dictionaries({"chosen": messages, "rejected": messages},
+                                       optional={"prompt": messages})
+prompt_completion = st.fixed_dictionaries({"prompt": messages | text,
+                                           "completion": messages | text})
+
+
 def _dumps(value) -> bytes:
   try:
     return json.dumps(value, ensure_ascii=bool(hash(str(value)) % 2)).encode(
@@ -57,7 +76,8 @@ def _dumps(value) -> bytes:
     return b"{}"
 
 
-json_lines = st.one_of(records, chat, rankings, json_values).map(_dumps)
+json_lines = st.one_of(records, chat, rankings, tldr, comparison, conversational,
+                       prompt_completion, json_values).map(_dumps)
 # Valid-looking lines cut at a random byte or with random bytes spliced in.
 mangled = st.tuples(json_lines, st.integers(0, 200), st.binary(max_size=6)).map(
     lambda t: t[0][:t[1]] + t[2] + t[0][t[1]:] if t[2] else t[0][:t[1]])
@@ -161,6 +181,14 @@ def test_eval_json_records_reader():
     ("demonstrations", {"messages": [{"role": "user", "content": "\udfff"},
                                      {"role": "assistant", "content": "b"}]}),
     ("rankings", {"prompt": "p", "responses": ["a", "\udc80"], "ranks": [0, 1]}),
+    ("rankings", {"chosen": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "\udc80"}],
+                  "rejected": [{"role": "user", "content": "q"},
+                               {"role": "assistant", "content": "b"}]}),
+    ("rankings", {"info": {"subreddit": "r", "title": "\ud800", "post": "p"},
+                  "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0}),
+    ("demonstrations", {"subreddit": "r", "title": "t", "post": "p", "summary": "\udfff"}),
+    ("prompts", {"prompt": [{"role": "user", "content": "\udc80"}]}),
     ("text", {"text": "x\udc80"})])
 def test_unpaired_surrogate_escapes_are_data_errors(write_lines, kind, record):
   # Valid JSON and valid UTF-8 on disk, but no text: the tokenizer raised TypeError.
