@@ -10,6 +10,11 @@ import importlib.resources
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A config setting that cannot work; the message names the field. Experiment scripts
+  print it as one line (jaxrlhf/launch.py), the traceback going to the run's log."""
+
+
 def world_tokenizer_dir() -> str:
   """The embedded world's tokenizer, shipped inside the package."""
   return str(importlib.resources.files("jaxrlhf") / "assets" / "world_tokenizer")
@@ -37,7 +42,7 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
                           tie_word_embeddings=False),
   }
   if name not in presets:
-    raise ValueError(f"unknown model preset {name!r}; known: {sorted(presets)}")
+    raise ConfigError(f"unknown model preset {name!r}; known: {sorted(presets)}")
   return ml_collections.ConfigDict(presets[name])
 
 

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import parallel
 from jaxrlhf import data as data_pkg
 from jaxrlhf.data import formats
@@ -43,7 +44,7 @@ def ensure_world(data: ml_collections.ConfigDict, workdir) -> epath.Path:
     wanted = json.loads(json.dumps(dataclasses.asdict(world_config)))
     if existing is None or existing.get("config") != wanted:
       if existing is not None:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"{marker}: the world there was generated from another config "
             f"({existing.get('config')}); point config.data.world_dir elsewhere.")
       logging.info("writing the embedded world to %s", directory)
@@ -64,7 +65,7 @@ def files_or_world(data: ml_collections.ConfigDict, workdir, dataset: str, *,
   stands in for a file of the user's."""
   if bool(train) != bool(valid):
     given, missing = (train_field, valid_field) if train else (valid_field, train_field)
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"{given} is set but {missing} is empty: give both (held-out data of your own, "
         f"e.g. a split of your file), or neither for the embedded world's {dataset} "
         "files; the world's toy data never stands in for yours.")
@@ -100,7 +101,7 @@ def field_mapping(spec) -> dict[str, str]:
     for item in spec.split(","):
       src, sep, dst = item.partition("=")
       if not sep or not src.strip() or not dst.strip():
-        raise ValueError(f"config.data.fields={spec!r}: expected name_in_file=expected_name "
+        raise config_lib.ConfigError(f"config.data.fields={spec!r}: expected name_in_file=expected_name "
                          f"pairs separated by commas, got {item!r}")
       mapping[src.strip()] = dst.strip()
     spec = mapping
@@ -112,10 +113,10 @@ def _read_prepared(kind: str, path: str, fields: dict):
   from jaxrlhf.data import tfds_builders  # pylint: disable=g-import-not-at-top
   data_dir, _, split = path[len(TFDS_PREFIX):].rpartition(":")
   if not data_dir or split not in tfds_builders.SPLITS:
-    raise ValueError(f"{path!r}: a prepared dataset is named tfds:<data_dir>:<split>, "
+    raise config_lib.ConfigError(f"{path!r}: a prepared dataset is named tfds:<data_dir>:<split>, "
                      f"split one of {', '.join(tfds_builders.SPLITS)}")
   if fields:
-    raise ValueError(f"{path!r}: config.data.fields renames fields while a dataset is "
+    raise config_lib.ConfigError(f"{path!r}: config.data.fields renames fields while a dataset is "
                      "prepared (tfds_builders.prepare(..., fields=...)), not when it is read")
   source = tfds_builders.load_prepared(kind, data_dir, split)
   return list(source), source.parse_stats
@@ -156,7 +157,7 @@ def read(kind: str, path: str, *, skip_invalid: bool, k_max: int | None = None,
   if stats.num_skipped:
     stats.log_summary(f"{kind} {path}")
   if not examples:
-    raise ValueError(f"{path}: no usable {kind} examples.")
+    raise config_lib.ConfigError(f"{path}: no usable {kind} examples.")
   return examples, stats
 
 
@@ -167,7 +168,7 @@ def num_train_steps(config: ml_collections.ConfigDict, num_examples: int,
     return int(config.num_steps)
   steps = (config.num_epochs * num_examples * per_example) // config.batch_size
   if steps < 1:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"{num_examples} training examples make no full batch of {config.batch_size}; "
         "lower config.batch_size or set config.num_steps.")
   return int(steps)
@@ -310,13 +311,13 @@ def ranking_files(data: ml_collections.ConfigDict) -> tuple[str, str, dict | Non
   stage wrote (train.jsonl, validation.jsonl and summary.json)."""
   if data.train_file:
     if data.get("rankings_dir"):
-      raise ValueError("config.data.train_file and config.data.rankings_dir are both set; "
+      raise config_lib.ConfigError("config.data.train_file and config.data.rankings_dir are both set; "
                        "give one source of rankings.")
     if not data.valid_file:
-      raise ValueError("config.data.valid_file: held-out rankings are needed for accuracy.")
+      raise config_lib.ConfigError("config.data.valid_file: held-out rankings are needed for accuracy.")
     return data.train_file, data.valid_file, None
   if not data.get("rankings_dir"):
-    raise ValueError(
+    raise config_lib.ConfigError(
         "config.data.train_file is empty and so is config.data.rankings_dir: give rankings "
         "JSONL files (train_file and valid_file), or the directory that "
         "`python -m experiments.rankings` wrote (the pipeline, experiments.instructgpt, "
@@ -349,7 +350,7 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
   demo_path = config.data.demonstrations_file
   if not demo_path:
     if collected is None:  # rankings of the user's: the world's demonstrations are not
-      raise ValueError(
+      raise config_lib.ConfigError(
           "config.data.demonstrations_file is empty: the reward model's scores are shifted "
           "so that labeler demonstrations score 0 on average, and with rankings of your own "
           "(config.data.train_file) the embedded world's demonstrations are not yours; set "

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import summaries as summaries_lib
 
 # stage name -> (module, its function (config, workdir) -> summary, stage it starts from)
@@ -83,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summaries = {}
   for name in config.stages:
     if name not in STAGES:
-      raise ValueError(f"config.stages: unknown stage {name!r}; known: {list(STAGES)}")
+      raise config_lib.ConfigError(f"config.stages: unknown stage {name!r}; known: {list(STAGES)}")
     stage_dir = workdir / name
     done = stage_dir / "summary.json"
     if done.exists():

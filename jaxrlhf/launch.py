@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -140,9 +140,25 @@ def config_override_error(argv: list[str], error: Exception) -> str:
 
 
 def _errors_for_people() -> tuple[type[BaseException], ...]:
+  from jaxrlhf import config_lib  # pylint: disable=g-import-not-at-top
   from jaxrlhf.data import formats  # pylint: disable=g-import-not-at-top
   from jaxrlhf.models import hf  # pylint: disable=g-import-not-at-top
-  return (formats.DataError, hf.CheckpointError, FileNotFoundError)
+  return (formats.DataError, hf.CheckpointError, FileNotFoundError, config_lib.ConfigError)
+
+
+def run_for_people(train_fn: Callable, config, workdir) -> Any:
+  """`train_fn(config, workdir)`; bad data, a bad checkpoint, a missing file or a config
+  setting that cannot work ends it in one line on stderr naming file, line and field (or
+  the config field), exit status 1, the traceback in the log file (and on the console
+  with --verbosity)."""
+  try:
+    return train_fn(config, workdir)
+  except _errors_for_people() as e:
+    if _verbose():
+      raise
+    logging.info("stopped: %s", e, exc_info=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _verbose() -> bool:
@@ -182,16 +198,7 @@ def main(train_fn: Callable, *, needs_workdir: bool = True) -> None:
       from jaxrlhf import train_lib
       train_lib.enable_compilation_cache(_WORKDIR.value)
     logging.info("config:\n%s", _CONFIG.value)
-    try:
-      train_fn(_CONFIG.value, _WORKDIR.value)
-    except _errors_for_people() as e:
-      # Bad input data or a bad checkpoint: the message names the file, line and field;
-      # the traceback goes to the log file (and to the console with --verbosity).
-      if _verbose():
-        raise
-      logging.info("stopped: %s", e, exc_info=True)
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(1)
+    run_for_people(train_fn, _CONFIG.value, _WORKDIR.value)
 
   flags.mark_flags_as_required(["config"])
   # `--help` lists the main module's key flags: these are every experiment script's.

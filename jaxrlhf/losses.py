@@ -10,6 +10,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf import config_lib
+
 
 class MaskedSum(NamedTuple):
   """A masked mean kept as its two halves; a pytree, so `lax.psum` reduces both.
@@ -445,4 +447,4 @@ def kl_update_fn(
     return lambda state, current_kl, n_steps: adaptive_kl_update(
         state, current_kl, n_steps, target=target, horizon=horizon
     )
-  raise ValueError(f"Unknown KL controller {kind!r}; expected 'fixed' or 'adaptive'.")
+  raise config_lib.ConfigError(f"Unknown KL controller {kind!r}; expected 'fixed' or 'adaptive'.")

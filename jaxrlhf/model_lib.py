@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import models
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -18,7 +19,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def dtype_from_name(name: str):
   if name not in _DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    raise config_lib.ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
   return _DTYPES[name]
 
 
@@ -32,7 +33,7 @@ def transformer_config(model_cfg: ml_collections.ConfigDict, tokenizer, *,
   known = {f.name for f in dataclasses.fields(models.TransformerConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"config.model has unknown field(s) {unknown}; known: {sorted(known)}")
+    raise config_lib.ConfigError(f"config.model has unknown field(s) {unknown}; known: {sorted(known)}")
   fields.update(
       dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype),
       dropout_rate=dropout_rate,
@@ -52,7 +53,7 @@ def check_vocabulary(tokenizer, vocab_size: int, where: str) -> None:
   reads out of bounds (NaN or garbage losses), so it is named at start-up instead."""
   size = len(tokenizer)
   if size > vocab_size:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"{where}: the model's vocabulary has {vocab_size} entries but the tokenizer "
         f"({getattr(tokenizer, 'name_or_path', '') or 'config.tokenizer'}) has {size} "
         f"tokens, ids up to {size - 1}. Use the tokenizer the model was trained with, or "
@@ -83,7 +84,7 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
     check_vocabulary(tokenizer, model_config.vocab_size, f"{field}={init_from!r}")
     if kind == "lm":
       if not isinstance(lm_or_scalar, models.CausalLM):
-        raise ValueError(f"{field}={init_from!r} holds a scalar-head model; "
+        raise config_lib.ConfigError(f"{field}={init_from!r} holds a scalar-head model; "
                          "a policy needs a causal LM.")
       return models.CausalLM(model_config), params
     module = models.ScalarHeadModel(model_config)
@@ -92,7 +93,7 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
       return module, params
     return module, {"transformer": params["transformer"], "score_head": fresh["score_head"]}
   if model is None:
-    raise ValueError(f"{field} is empty and no model section was given to initialise.")
+    raise config_lib.ConfigError(f"{field} is empty and no model section was given to initialise.")
   model_config = transformer_config(model, tokenizer, dtype=dtype,
                                     param_dtype=param_dtype, dropout_rate=dropout)
   check_vocabulary(tokenizer, model_config.vocab_size, "config.model.vocab_size")

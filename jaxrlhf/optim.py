@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxrlhf import config_lib
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 SCHEDULES = ("constant", "warmup_constant", "cosine", "linear")
@@ -94,7 +96,7 @@ def scale_by_tf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
 
 def _check_choice(cfg: ml_collections.ConfigDict, field: str, choices) -> None:
   if cfg[field] not in choices:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"optimizer config field `{field}` is {cfg[field]!r}; expected one of {choices}."
     )
 
@@ -135,7 +137,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None
   else:
     total_steps = total_steps if total_steps is not None else cfg.get("total_steps")
     if total_steps is None or total_steps <= warmup_steps:
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"the {cfg.schedule} schedule needs total_steps (make_optimizer argument or "
           f"config field `total_steps`) larger than `warmup_steps`={warmup_steps}; got "
           f"{total_steps}.")
@@ -186,7 +188,7 @@ def make_optimizer(
     chain.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
   if cfg.weight_decay:
     if cfg.name != "adamw":
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"optimizer config: `weight_decay`={cfg.weight_decay} needs `name`='adamw' "
           f"(got {cfg.name!r})."
       )
@@ -197,7 +199,7 @@ def make_optimizer(
 
   accum_steps = int(cfg.get("grad_accum_steps", 1) or 1)
   if accum_steps < 1:
-    raise ValueError(f"optimizer config field `grad_accum_steps` must be >= 1, got {accum_steps}.")
+    raise config_lib.ConfigError(f"optimizer config field `grad_accum_steps` must be >= 1, got {accum_steps}.")
   if accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum_steps).gradient_transformation()
   return tx, schedule

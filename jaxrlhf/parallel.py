@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import config_lib
+
 # The one axis every train step reduces over.
 BATCH_AXIS = "batch"
 
@@ -27,9 +29,9 @@ def check_batch_size(global_batch_size: int, name: str = "batch_size") -> int:
   devices = jax.device_count()
   processes = jax.process_count()
   if global_batch_size <= 0:
-    raise ValueError(f"config.{name}={global_batch_size} must be positive.")
+    raise config_lib.ConfigError(f"config.{name}={global_batch_size} must be positive.")
   if global_batch_size % devices:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"config.{name}={global_batch_size} is not divisible by the {devices} devices "
         f"({processes} process(es) x {jax.local_device_count()} local); pick a multiple "
         f"of {devices}.")

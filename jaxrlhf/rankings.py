@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import data_lib
 from jaxrlhf import metrics as metrics_lib
@@ -56,7 +57,7 @@ def sample_and_rank(config: ml_collections.ConfigDict, tokenizer, world_dir: epa
   process's devices only.
   """
   if not config.policy:
-    raise ValueError("config.policy: the rankings are sampled from a policy; set it to "
+    raise config_lib.ConfigError("config.policy: the rankings are sampled from a policy; set it to "
                      "the SFT export (a Hugging Face directory, e.g. <sft workdir>/hf).")
   world_config = world_lib.WorldConfig.from_dict(config.data.world.to_dict())
   labeler = world_config.labeler()
@@ -106,7 +107,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not (config.k_min >= 2 and config.k_max >= config.k_min):
-    raise ValueError(f"config.k_min={config.k_min}, config.k_max={config.k_max}: a ranking "
+    raise config_lib.ConfigError(f"config.k_min={config.k_min}, config.k_max={config.k_max}: a ranking "
                      "needs at least 2 answers and k_max >= k_min.")
   tokenizer = models.load_tokenizer(config.tokenizer)
   world_dir = data_lib.ensure_world(config.data, workdir)  # on every process: it syncs

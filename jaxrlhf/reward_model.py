@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxrlhf import config_lib
 from jaxrlhf import data as data_pkg
 from jaxrlhf import data_lib
 from jaxrlhf import evaluators
@@ -193,14 +194,14 @@ def score_file(config: ml_collections.ConfigDict, workdir: str | None = None) ->
   tokenizer = models.load_tokenizer(config.tokenizer or config.reward_model)
   model, params = models.from_pretrained(config.reward_model)
   if not isinstance(model, models.ScalarHeadModel):
-    raise ValueError(f"config.reward_model={config.reward_model!r} holds a causal LM, "
+    raise config_lib.ConfigError(f"config.reward_model={config.reward_model!r} holds a causal LM, "
                      "not a reward model.")
   stats = data_pkg.DataStats()
   examples = data_pkg.read_examples("demonstrations", config.input_file,
                                              skip_invalid=config.skip_invalid, stats=stats)
   chat = [ex.source for ex in examples if ex.is_chat]
   if chat:
-    raise ValueError(f"{chat[0]}: scoring takes {{'prompt', 'response'}} lines, not chats.")
+    raise config_lib.ConfigError(f"{chat[0]}: scoring takes {{'prompt', 'response'}} lines, not chats.")
   pairs = [(ex.prompt, ex.response) for ex in examples]
   scores = scoring.score_pairs(model, params, tokenizer, pairs, max_prompt_len=config.max_prompt_len,
                        max_response_len=config.max_response_len,

@@ -12,6 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf import config_lib
 from jaxrlhf import losses
 from jaxrlhf.models import transformer
 
@@ -137,7 +138,7 @@ def sample(model: transformer.CausalLM, params, prompt_ids: jax.Array,
   config = model.config
   max_len = prompt_len + max_new_tokens
   if config.spec.positions == "learned" and max_len > config.max_position_embeddings:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"sample: prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
         f"max_position_embeddings={config.max_position_embeddings} of this {config.arch} model")
 

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import evaluators as evaluators_lib
 from jaxrlhf import metrics as metrics_lib
@@ -66,7 +67,7 @@ class Stage:
     self.workdir = epath.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     if not config.get("tokenizer"):
-      raise ValueError("config.tokenizer is empty: give the directory of your checkpoint's "
+      raise config_lib.ConfigError("config.tokenizer is empty: give the directory of your checkpoint's "
                        "tokenizer (the Hugging Face directory of init_from, usually).")
     self.tokenizer = models.load_tokenizer(config.tokenizer)
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
@@ -133,7 +134,7 @@ class Stage:
     if first is None:
       return
     changed = config_changes(self.workdir / "config.json", self.config)
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"{self.workdir}: the checkpoint at {self.unit} {step} does not fit the model this "
         f"config builds ({first}). Config fields that differ from the run's "
         f"{self.workdir / 'config.json'}: {', '.join(changed) if changed else 'none found'}. "

@@ -74,3 +74,27 @@ def test_bad_data_is_one_message_and_the_traceback_goes_to_the_log(tmp_path):
   assert result.stderr.strip().splitlines() == [
       f"error: {data}, line 2, field 'prompt': expected a string, got int"], result.stderr
   assert "Traceback" in (workdir / "log.txt").read_text()
+
+
+def test_a_config_that_cannot_work_is_one_line_with_exit_status_1(tmp_path, capsys):
+  from configs import sft as sft_config
+  from jaxrlhf import config_lib
+  from jaxrlhf import launch
+  from jaxrlhf import sft
+  config = sft_config.get_config("test")
+  config.data.train_file = str(tmp_path / "mine.jsonl")  # and no valid_file
+  with pytest.raises(config_lib.ConfigError, match="config.data.valid_file is empty"):
+    sft.train_and_evaluate(config, str(tmp_path / "raised"))
+  with pytest.raises(SystemExit) as exit_info:
+    launch.run_for_people(sft.train_and_evaluate, config, str(tmp_path / "run"))
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: config.data.train_file is set but config.data.valid_file is empty: "
+                 "give both (held-out data of your own, e.g. a split of your file), or "
+                 "neither for the embedded world's sft files; the world's toy data never "
+                 "stands in for yours."], err
+  # Anything else is a bug and keeps its traceback.
+  def broken(config, workdir):
+    raise ValueError("not a config problem")
+  with pytest.raises(ValueError, match="not a config problem"):
+    launch.run_for_people(broken, config, str(tmp_path))

@@ -160,5 +160,5 @@ def test_exports_load_in_transformers(pipeline):
 
 def test_a_preset_without_a_tokenizer_says_so(tmp_path):
   c = sft_config.get_config("tldr")
-  with pytest.raises(ValueError, match="config.tokenizer is empty"):
+  with pytest.raises(config_lib.ConfigError, match="config.tokenizer is empty"):
     sft.train_and_evaluate(c, str(tmp_path))

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxrlhf import config_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf.eval import crows_pairs
@@ -49,9 +50,9 @@ def parse_named_list(spec: str, field: str) -> dict[str, str]:
         name += "_ema"
     name, path = name.strip(), path.strip()
     if not name or not path:
-      raise ValueError(f"config.{field}: expected name=path items, got {item!r}")
+      raise config_lib.ConfigError(f"config.{field}: expected name=path items, got {item!r}")
     if name in out:
-      raise ValueError(f"config.{field}: the name {name!r} is used twice; name them "
+      raise config_lib.ConfigError(f"config.{field}: the name {name!r} is used twice; name them "
                        "explicitly as name=path")
     out[name] = path
   return out
@@ -60,7 +61,7 @@ def parse_named_list(spec: str, field: str) -> dict[str, str]:
 def _check_config(config: ml_collections.ConfigDict) -> dict[str, str]:
   checkpoints = parse_named_list(config.checkpoints, "checkpoints")
   if not checkpoints:
-    raise ValueError("config.checkpoints is empty: give name=dir items, e.g. "
+    raise config_lib.ConfigError("config.checkpoints is empty: give name=dir items, e.g. "
                      "sft=/tmp/run/sft/hf,ppo=/tmp/run/ppo/hf")
   for name, path in checkpoints.items():
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -69,7 +70,7 @@ def _check_config(config: ml_collections.ConfigDict) -> dict[str, str]:
   enabled = [config.truthfulqa.file, config.crows_pairs.file, config.winogender.file,
              config.toxicity.file, config.multiple_choice.files]
   if not any(enabled):
-    raise ValueError("no benchmark file is set: set at least one of config.truthfulqa.file, "
+    raise config_lib.ConfigError("no benchmark file is set: set at least one of config.truthfulqa.file, "
                      "config.crows_pairs.file, config.winogender.file, config.toxicity.file, "
                      "config.multiple_choice.files")
   for field, path in (("truthfulqa.file", config.truthfulqa.file),
@@ -79,7 +80,7 @@ def _check_config(config: ml_collections.ConfigDict) -> dict[str, str]:
     if path and not os.path.isfile(path):
       raise FileNotFoundError(f"config.{field}={path!r}: no such file")
   if config.toxicity.file and not config.toxicity.scorer:
-    raise ValueError("config.toxicity.file is set but config.toxicity.scorer is empty: give a "
+    raise config_lib.ConfigError("config.toxicity.file is set but config.toxicity.scorer is empty: give a "
                      "scalar-head checkpoint directory or 'package.module:factory'")
   return checkpoints
 
@@ -178,7 +179,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("evaluating %s (%s)", name, path)
     model, params = models.from_pretrained(path)
     if not isinstance(model, models.CausalLM):
-      raise ValueError(f"config.checkpoints: {name}={path} is a scalar-head model; the "
+      raise config_lib.ConfigError(f"config.checkpoints: {name}={path} is a scalar-head model; the "
                        "benchmarks evaluate causal LMs")
     tokenizer = models.load_tokenizer(config.tokenizer or path)
     results[name], samples[name] = evaluate_checkpoint(config, model, params, tokenizer,

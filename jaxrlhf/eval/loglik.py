@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import config_lib
 from jaxrlhf import losses
 from jaxrlhf import parallel
 from jaxrlhf.data import tokenize as tokenize_lib
@@ -98,7 +99,7 @@ class LoglikScorer:
                min_bucket: int = 64, replicated_params=None):
     config = model.config
     if config.spec.positions == "learned" and max_len > config.max_position_embeddings:
-      raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings="
+      raise config_lib.ConfigError(f"max_len={max_len} exceeds the model's max_position_embeddings="
                        f"{config.max_position_embeddings}; lower the config's max_len.")
     if max_len < 2 or per_device_batch < 1:
       raise ValueError(f"need max_len >= 2 and per_device_batch >= 1, got {max_len}, "

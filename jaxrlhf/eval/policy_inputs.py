@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf.data import formats
 from jaxrlhf.data import tokenize as tokenize_lib
 
@@ -30,9 +31,9 @@ def parse_policies(spec: str) -> dict[str, str]:
     name, sep, path = item.partition("=")
     name, path = name.strip(), path.strip()
     if not sep or not name or not path:
-      raise ValueError(f"config.policies: {item!r} is not name=path")
+      raise config_lib.ConfigError(f"config.policies: {item!r} is not name=path")
     if name in policies:
-      raise ValueError(f"config.policies: the name {name!r} appears twice")
+      raise config_lib.ConfigError(f"config.policies: the name {name!r} appears twice")
     policies[name] = path
   return policies
 

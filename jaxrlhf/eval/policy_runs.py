@@ -13,6 +13,7 @@ import zlib
 import jax
 import numpy as np
 
+from jaxrlhf import config_lib
 from jaxrlhf import models
 from jaxrlhf import policy_lib
 from jaxrlhf import scoring
@@ -39,7 +40,7 @@ def load_causal_lm(path: str):
   """(model, params) of a policy checkpoint; a reward model (score head) is refused."""
   model, params = models.from_pretrained(path)
   if not isinstance(model, models.CausalLM):
-    raise ValueError(f"{path}: a policy must be a causal LM; this checkpoint has a score "
+    raise config_lib.ConfigError(f"{path}: a policy must be a causal LM; this checkpoint has a score "
                      "head (a reward model?)")
   return model, params
 

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
@@ -58,25 +59,25 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, str]:
   policies = policy_inputs.parse_policies(config.policies)
   names = list(policies) + ([config.few_shot.name] if config.few_shot.base else [])
   if config.few_shot.base and config.few_shot.name in policies:
-    raise ValueError(f"config.few_shot.name={config.few_shot.name!r} is also in "
+    raise config_lib.ConfigError(f"config.few_shot.name={config.few_shot.name!r} is also in "
                      "config.policies")
   if config.baseline not in policies:
-    raise ValueError(f"config.baseline={config.baseline!r} is not one of config.policies "
+    raise config_lib.ConfigError(f"config.baseline={config.baseline!r} is not one of config.policies "
                      f"({list(policies)})")
   if config.reference and config.reference not in policies:
-    raise ValueError(f"config.reference={config.reference!r} is not one of "
+    raise config_lib.ConfigError(f"config.reference={config.reference!r} is not one of "
                      f"config.policies ({list(policies)})")
   if config.judge not in ("labeler", "reward_model"):
-    raise ValueError(f"config.judge={config.judge!r}: use 'labeler' or 'reward_model'")
+    raise config_lib.ConfigError(f"config.judge={config.judge!r}: use 'labeler' or 'reward_model'")
   if config.best_of_n < 0 or config.best_of_n & (config.best_of_n - 1):
-    raise ValueError(f"config.best_of_n={config.best_of_n}: use 0 (off) or a power of two")
+    raise config_lib.ConfigError(f"config.best_of_n={config.best_of_n}: use 0 (off) or a power of two")
   if config.best_of_n and config.judge != "labeler":
-    raise ValueError("config.best_of_n needs config.judge='labeler' (it compares the reward "
+    raise config_lib.ConfigError("config.best_of_n needs config.judge='labeler' (it compares the reward "
                      "model's picks with the labeler's); set config.best_of_n=0")
   if config.judge == "reward_model" and not config.reward_model:
-    raise ValueError("config.judge='reward_model' needs config.reward_model (an RM export)")
+    raise config_lib.ConfigError("config.judge='reward_model' needs config.reward_model (an RM export)")
   if len(names) < 2:
-    raise ValueError("config.policies: name at least two policies (one is the baseline)")
+    raise config_lib.ConfigError("config.policies: name at least two policies (one is the baseline)")
   return policies
 
 
@@ -118,7 +119,7 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.reward_model:
     rm_model, rm_params = models.from_pretrained(config.reward_model)
     if not isinstance(rm_model, models.ScalarHeadModel):
-      raise ValueError(f"config.reward_model={config.reward_model!r} is a causal LM, not "
+      raise config_lib.ConfigError(f"config.reward_model={config.reward_model!r} is a causal LM, not "
                        "a reward model (no score head)")
     reward = (rm_model, parallel.replicate(rm_params))
   text_file = config.pretrain_file

@@ -20,6 +20,7 @@ from typing import Protocol, Sequence
 import jax
 import numpy as np
 
+from jaxrlhf import config_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
@@ -88,7 +89,7 @@ class CheckpointToxicityScorer:
       raise ValueError(f"transform must be 'sigmoid' or 'identity', got {transform!r}")
     model, params = models.from_pretrained(path)
     if not isinstance(model, models.ScalarHeadModel):
-      raise ValueError(f"{path}: a toxicity scorer needs a scalar-head checkpoint "
+      raise config_lib.ConfigError(f"{path}: a toxicity scorer needs a scalar-head checkpoint "
                        "(\"jaxrlhf_score_head\": true in config.json), found a causal LM")
     self.encoder = tokenize_lib.Encoder(models.load_tokenizer(tokenizer_dir or path))
     if model.config.spec.positions == "learned":

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import train_lib
 from jaxrlhf.ppo import state as ppo_state
@@ -59,7 +60,7 @@ def restore_iterators(prompt_iter, ptx_iter, directory) -> Callable[[dict, int],
     prompt_iter.set_state(_unpack_iterator_state(saved_data["prompts"]))
     if ptx_iter is not None:
       if saved_data.get("ptx") is None:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"checkpoint at iteration {iteration} in {directory} was written without "
             "pretraining data (ptx_coef 0) but this run mixes it in; resume with the same "
             "config.ptx.coef or start a new workdir.")

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from jaxrlhf import config_lib
 from jaxrlhf import data_lib
 from jaxrlhf import evaluators
 from jaxrlhf import metrics as metrics_lib
@@ -42,12 +43,12 @@ def settings_from_config(config: ml_collections.ConfigDict, tokenizer) -> ppo_st
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.minibatch_size, "minibatch_size")
   if config.batch_size % config.minibatch_size:
-    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
+    raise config_lib.ConfigError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"config.minibatch_size={config.minibatch_size}.")
   if config.num_ppo_epochs < 1:
-    raise ValueError(f"config.num_ppo_epochs={config.num_ppo_epochs} must be >= 1.")
+    raise config_lib.ConfigError(f"config.num_ppo_epochs={config.num_ppo_epochs} must be >= 1.")
   if config.ptx.coef < 0:
-    raise ValueError(f"config.ptx.coef={config.ptx.coef} must be >= 0 (0 = plain PPO).")
+    raise config_lib.ConfigError(f"config.ptx.coef={config.ptx.coef} must be >= 0 (0 = plain PPO).")
   return ppo_state.PPOSettings(
       max_new_tokens=config.data.max_response_len,
       stop_token_id=tokenizer.eos_token_id,
@@ -86,7 +87,7 @@ def _require_score_head(path: str) -> None:
   classifier = any(str(a).endswith("ForSequenceClassification")
                    for a in hf.get("architectures") or [])
   if not (hf.get(models.hf.SCORE_HEAD_KEY) or classifier):
-    raise ValueError(f"config.reward_init_from={path!r} holds a causal LM, not a reward "
+    raise config_lib.ConfigError(f"config.reward_init_from={path!r} holds a causal LM, not a reward "
                      f"model ({config_file} has no {models.hf.SCORE_HEAD_KEY!r} flag).")
 
 
@@ -161,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if use_ptx or config.ptx.eval_nll:
     ptx = config.ptx
     if config.data.train_file and not ptx.data.train_file:
-      raise ValueError(
+      raise config_lib.ConfigError(
           "config.ptx.data.train_file is empty while the prompts are your own "
           "(config.data.train_file): PPO-ptx mixes in, and the alignment tax is measured "
           "on, pretraining text, and the embedded world's is not yours. Set "
