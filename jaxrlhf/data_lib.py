@@ -18,8 +18,8 @@ import numpy as np
 from etils import epath
 
 from jaxrlhf import config_lib
-from jaxrlhf import parallel
 from jaxrlhf import data as data_pkg
+from jaxrlhf import parallel
 from jaxrlhf.data import formats
 from jaxrlhf.data.world import world as world_lib
 

@@ -25,11 +25,13 @@ class Samples:
   lengths: list[int]        # response tokens including the stop token
 
 
-def encode_prompts(prompts: list[str], encoder: tokenize_lib.Encoder,
+def encode_prompts(prompts: list, encoder: tokenize_lib.Encoder,
                    max_prompt_len: int) -> dict[str, np.ndarray]:
-  """Left-padded prompt_ids / prompt_mask [len(prompts), max_prompt_len] for the sampler."""
+  """Left-padded prompt_ids / prompt_mask [len(prompts), max_prompt_len] for the sampler,
+  from strings or parsed `formats.Prompt`s (chats, TL;DR posts: see tokenize_prompt)."""
   lengths = tokenize_lib.Lengths(prompt=max_prompt_len, response=1)
-  rows = [tokenize_lib.tokenize_prompt(formats.Prompt(p), encoder, lengths) for p in prompts]
+  rows = [tokenize_lib.tokenize_prompt(formats.Prompt(p) if isinstance(p, str) else p,
+                                       encoder, lengths) for p in prompts]
   return {k: np.stack([r[k] for r in rows]) for k in ("prompt_ids", "prompt_mask")}
 
 

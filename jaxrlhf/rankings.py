@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import config_lib
 from jaxrlhf import data_lib
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import model_lib

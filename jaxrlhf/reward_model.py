@@ -24,8 +24,8 @@ from jaxrlhf import data as data_pkg
 from jaxrlhf import data_lib
 from jaxrlhf import evaluators
 from jaxrlhf import losses
-from jaxrlhf import model_lib
 from jaxrlhf import metrics as metrics_lib
+from jaxrlhf import model_lib
 from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import parallel

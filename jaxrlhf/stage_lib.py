@@ -25,8 +25,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import config_lib
 from jaxrlhf import evaluators as evaluators_lib
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import models

@@ -56,7 +56,11 @@ def read_prompts(files: list[str], *, need_meta: bool, limit: int = 0
   """Prompts (with their host-side meta); the labeler needs each prompt's task fields."""
   prompts = []
   for path in files:
-    prompts.extend(formats.iter_file("prompts", path))
+    if path.startswith("tfds:"):  # a prepared split, tfds:<data_dir>:<split>
+      from jaxrlhf import data_lib  # pylint: disable=g-import-not-at-top
+      prompts.extend(data_lib.read("prompts", path, skip_invalid=False)[0])
+    else:
+      prompts.extend(formats.iter_file("prompts", path))
   if limit:
     prompts = prompts[:limit]
   if not prompts:

@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import config_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
@@ -44,6 +44,13 @@ from jaxrlhf.eval import judging
 from jaxrlhf.eval import policy_inputs
 from jaxrlhf.eval import policy_runs
 
+
+
+def _prompt_record(prompt: formats.Prompt):
+  """A prompt as its file held it: text, or the chat's messages."""
+  if prompt.is_chat:
+    return [{"role": role, "content": content} for role, content in prompt.messages]
+  return prompt.prompt
 
 def _world_labeler(config: ml_collections.ConfigDict) -> labeler_lib.Labeler:
   """The labeler the world was written with (its calibrated noise is in world.json)."""
@@ -107,8 +114,7 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stop_token_id=encoder.eos_id, pad_token_id=encoder.pad_id)
   programs = generation_lib.Programs(generation)
   per_device = config.per_device_batch
-  judge_prompts = policy_lib.encode_prompts([p.prompt for p in prompts], encoder,
-                                            config.max_prompt_len)
+  judge_prompts = policy_lib.encode_prompts(prompts, encoder, config.max_prompt_len)
 
   # --- What every policy is measured against --------------------------------------------
   reference = None
@@ -153,6 +159,12 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name, path in policies.items():
     runs[name] = run_policy(name, path, judge_prompts)
   if config.few_shot.base:
+    chats = [p.source for p in prompts if p.is_chat]
+    if chats:
+      raise config_lib.ConfigError(
+          f"config.few_shot.base: the few-shot prompt is text, and {chats[0]} is a chat "
+          "prompt (a base model has no chat template); set config.few_shot.base='' for "
+          "chat prompts.")
     shots_file = config.few_shot.examples_file or str(
         epath.Path(config.world_dir) / "sft" / "train.jsonl")
     prefix = policy_inputs.few_shot_prefix(
@@ -224,12 +236,12 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Outputs -------------------------------------------------------------------------
   results["samples"] = [
-      {"prompt": prompts[i].prompt,
+      {"prompt": _prompt_record(prompts[i]),
        "responses": {name: run.texts[i] for name, run in runs.items()}}
       for i in _spread(len(prompts), config.num_sample_texts)]
   results["seconds"] = time.time() - t0
   if jax.process_index() == 0:
-    records = ({"prompt": p.prompt, **({"meta": p.meta} if p.meta else {}),
+    records = ({"prompt": _prompt_record(p), **({"meta": p.meta} if p.meta else {}),
                 "responses": {name: run.texts[i] for name, run in runs.items()},
                 "stopped": {name: bool(run.stopped[i]) for name, run in runs.items()}}
                for i, p in enumerate(prompts))

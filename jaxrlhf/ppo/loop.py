@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from jaxrlhf import config_lib
 from jaxrlhf import checkpoint as checkpoint_lib
+from jaxrlhf import config_lib
 from jaxrlhf import train_lib
 from jaxrlhf.ppo import state as ppo_state
 

@@ -187,6 +187,13 @@ BAD_INPUTS = [
      "prompt[1].role", "wrong_type"),
     ("prompts", {"prompt": []}, "prompt", "wrong_type"),
     ("prompts", {"subreddit": "r", "title": "t", "post": 5}, "post", "wrong_type"),
+    # Lines cut short.
+    ("demonstrations", '{"subreddit": "r", "title": "t", "post": "p", "summ', "<json>",
+     "malformed_json"),
+    ("rankings", '{"info": {"subreddit": "r", "title": "t", "post": "p"}, "summaries": [',
+     "<json>", "malformed_json"),
+    ("rankings", '{"chosen": [{"role": "user", "content": "q"}], "rejected": [{"ro', "<json>",
+     "malformed_json"),
 ]
 
 

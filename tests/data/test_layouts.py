@@ -226,3 +226,18 @@ def test_field_mapping(write_lines):
   for bad in ("question", "question=", "a=prompt,b=prompt"):
     with pytest.raises(ValueError, match="config.data.fields|several fields map"):
       data_lib.field_mapping(bad)
+
+
+def test_evaluation_encodes_parsed_prompts_as_training_does(bpe_tokenizer):
+  from jaxrlhf import policy_lib
+  from jaxrlhf.eval import preference
+  encoder = tokenize.Encoder(bpe_tokenizer)
+  chat = formats.parse_prompt({"prompt": CHAT}, formats.Source("p.jsonl", 1))
+  tldr = formats.parse_prompt(TLDR, formats.Source("p.jsonl", 2))
+  arrays = policy_lib.encode_prompts([chat, tldr, "plain text"], encoder, 40)
+  for i, prompt in enumerate([chat, tldr, formats.Prompt("plain text")]):
+    row = tokenize.tokenize_prompt(prompt, encoder, tokenize.Lengths(prompt=40, response=1))
+    np.testing.assert_array_equal(arrays["prompt_ids"][i], row["prompt_ids"])
+  # responses.jsonl keeps a chat prompt as the messages it was.
+  assert preference._prompt_record(chat) == CHAT  # pylint: disable=protected-access
+  assert preference._prompt_record(tldr) == tldr.prompt  # pylint: disable=protected-access
