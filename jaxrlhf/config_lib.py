@@ -43,7 +43,11 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
   }
   if name not in presets:
     raise ConfigError(f"unknown model preset {name!r}; known: {sorted(presets)}")
-  return ml_collections.ConfigDict(presets[name])
+  cfg = ml_collections.ConfigDict(presets[name])
+  # Rematerialisation in the backward pass: 'none', 'full' or 'dots' (keep the weight
+  # matmuls' outputs). A run-time choice: it applies to a loaded init_from checkpoint too.
+  cfg.remat = "none"
+  return cfg
 
 
 def world_config(scale: float = 0.05, seed: int = 0) -> ml_collections.ConfigDict:

@@ -40,7 +40,10 @@ def transformer_config(model_cfg: ml_collections.ConfigDict, tokenizer, *,
       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
       bos_token_id=tokenizer.bos_token_id)
   arch = fields.pop("arch")
-  return models.TransformerConfig.for_arch(arch, **fields)
+  try:
+    return models.TransformerConfig.for_arch(arch, **fields)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.model: {e}") from None
 
 
 def init_params(module, seq_len: int, seed: int):
@@ -80,7 +83,12 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
           "Face directory, e.g. a previous stage's <workdir>/hf).")
     lm_or_scalar, params = models.from_pretrained(
         str(path), dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype))
-    model_config = lm_or_scalar.config.replace(dropout_rate=dropout)
+    # Rematerialisation is a run-time choice; the model section gives it for checkpoints too.
+    remat = (model or {}).get("remat", "none")
+    try:
+      model_config = lm_or_scalar.config.replace(dropout_rate=dropout, remat=remat)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.model.remat: {e}") from None
     check_vocabulary(tokenizer, model_config.vocab_size, f"{field}={init_from!r}")
     if kind == "lm":
       if not isinstance(lm_or_scalar, models.CausalLM):

@@ -12,6 +12,9 @@ import jax.numpy as jnp
 from jaxrlhf.models import architectures
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Sizes, options and dtypes of a decoder-only transformer."""
@@ -37,9 +40,17 @@ class TransformerConfig:
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   pad_token_id: int | None = None
+  # Rematerialisation of each decoder layer in the backward pass (a run-time choice, not
+  # part of a checkpoint): 'none'; 'full' keeps only each layer's input and recomputes the
+  # rest; 'dots' also keeps the matmul outputs that have no batch dimension (the weight
+  # matmuls), recomputing norms, activations and attention.
+  remat: str = "none"
 
   def __post_init__(self):
     spec = architectures.get_arch(self.arch)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"TransformerConfig: remat must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat!r}")
     # Fill the derived sizes so that every reader sees plain ints.
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)

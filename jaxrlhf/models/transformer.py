@@ -200,6 +200,17 @@ class DecoderLayer(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+def _layer_class(remat: str):
+  """DecoderLayer, rematerialised in the backward pass as `remat` says (see
+  TransformerConfig.remat); the parameters are the same whichever."""
+  if remat == "none":
+    return DecoderLayer
+  policy = (None if remat == "full"
+            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  # Argument 4 of __call__ (self being 0) is `deterministic`, a Python bool.
+  return nn.remat(DecoderLayer, policy=policy, static_argnums=(4,), prevent_cse=True)
+
+
 class Transformer(nn.Module):
   """The trunk shared by every head: embeddings, decoder layers, final norm."""
   config: TransformerConfig
@@ -212,7 +223,7 @@ class Transformer(nn.Module):
     self.embed = embed(config.vocab_size)
     if config.spec.positions == "learned":
       self.pos_embed = embed(config.max_position_embeddings)
-    self.layers = [DecoderLayer(config) for _ in range(config.num_layers)]
+    self.layers = [_layer_class(config.remat)(config) for _ in range(config.num_layers)]
     self.final_norm = Norm(config)
     self.embed_dropout = nn.Dropout(config.dropout_rate)
 
