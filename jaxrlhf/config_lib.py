@@ -47,6 +47,9 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
   # Rematerialisation in the backward pass: 'none', 'full' or 'dots' (keep the weight
   # matmuls' outputs). A run-time choice: it applies to a loaded init_from checkpoint too.
   cfg.remat = "none"
+  # Positions per chunk when log-probabilities are taken without the full [batch, T,
+  # vocab] logits (for large vocabularies); 0 = the full logits. Run-time, like remat.
+  cfg.logits_chunk = 0
   return cfg
 
 

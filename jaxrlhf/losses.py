@@ -59,6 +59,52 @@ def token_logprobs(
   return target_logits[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
+def chunked_token_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
+                           *, chunk: int, dtype, temperature: float = 1.0,
+                           with_entropy: bool = False):
+  """`token_logprobs` (and `entropy_from_logits`) of the logits `hidden @ unembedding`,
+  made `chunk` positions at a time: the [batch, T, vocab] float32 logits never exist.
+
+  Each chunk's logits are a compute-dtype matmul accumulated in float32, as the model's
+  head makes them, and are rematerialised in the backward pass: the activations kept
+  are the hidden states, not the logits.
+
+  Args:
+    hidden: [batch, T, hidden] final hidden states at the positions that predict `targets`.
+    unembedding: [hidden, vocab] output projection.
+    targets: [batch, T] token ids.
+    chunk: positions per chunk; T is padded up to a multiple of it.
+    dtype: the matmul's compute dtype.
+    temperature: as in `token_logprobs`.
+    with_entropy: also return the entropy per position.
+
+  Returns:
+    [batch, T] float32 log-probabilities, and [batch, T] entropies if `with_entropy`.
+  """
+  batch, time = targets.shape
+  n_chunks = -(-time // chunk)
+  pad = n_chunks * chunk - time
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  # [n_chunks, batch, chunk, ...]: lax.map runs one chunk at a time.
+  hidden = hidden.reshape(batch, n_chunks, chunk, -1).swapaxes(0, 1)
+  targets = targets.reshape(batch, n_chunks, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h, t = args
+    logits = jnp.einsum("bth,hv->btv", h.astype(dtype), unembedding.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    logprobs = token_logprobs(logits, t, temperature)
+    if with_entropy:
+      return logprobs, entropy_from_logits(logits, temperature)
+    return logprobs
+
+  out = jax.lax.map(one_chunk, (hidden, targets))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :time]
+  return jax.tree.map(unchunk, out)
+
+
 def entropy_from_logits(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
   """Entropy of softmax(logits / temperature) per position: [..., vocab] -> [...]."""
   logits = logits.astype(jnp.float32) / temperature

@@ -83,12 +83,13 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
           "Face directory, e.g. a previous stage's <workdir>/hf).")
     lm_or_scalar, params = models.from_pretrained(
         str(path), dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype))
-    # Rematerialisation is a run-time choice; the model section gives it for checkpoints too.
-    remat = (model or {}).get("remat", "none")
+    # Run-time choices (remat, logits_chunk): the model section gives them for checkpoints too.
+    run_time = {name: (model or {}).get(name, default)
+                for name, default in (("remat", "none"), ("logits_chunk", 0))}
     try:
-      model_config = lm_or_scalar.config.replace(dropout_rate=dropout, remat=remat)
+      model_config = lm_or_scalar.config.replace(dropout_rate=dropout, **run_time)
     except ValueError as e:
-      raise config_lib.ConfigError(f"config.model.remat: {e}") from None
+      raise config_lib.ConfigError(f"config.model: {e}") from None
     check_vocabulary(tokenizer, model_config.vocab_size, f"{field}={init_from!r}")
     if kind == "lm":
       if not isinstance(lm_or_scalar, models.CausalLM):

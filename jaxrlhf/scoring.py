@@ -43,15 +43,27 @@ def join_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
   return sequences, attention_mask
 
 
-def response_logits(apply_fn, params, sequences, attention_mask, prompt_len: int):
-  """Policy logits predicting each response token: [batch, N, vocab] float32.
+def response_logprobs(apply_fn, params, sequences, attention_mask, prompt_len: int, *,
+                      temperature: float, with_entropy: bool = False):
+  """The policy's log-probabilities of its response tokens sequences[:, prompt_len:],
+  [batch, N] float32 (and the entropy at each, with `with_entropy`).
 
   The logits at position t predict token t + 1, so response token i is read at
   prompt_len - 1 + i. This one function serves the rollout and the learner alike, which
-  is what makes the first minibatch's probability ratio exactly 1.
+  is what makes the first minibatch's probability ratio exactly 1. The model's
+  `logits_chunk` decides whether the full [batch, T, vocab] logits are made.
   """
-  logits = apply_fn({"params": params}, sequences, attention_mask=attention_mask)
-  return logits[:, prompt_len - 1:-1]
+  return apply_fn({"params": params}, sequences, attention_mask, start=prompt_len,
+                  temperature=temperature, with_entropy=with_entropy,
+                  method="token_logprobs")
+
+
+def lm_nll(apply_fn, params, batch: dict, **kwargs) -> losses.MaskedSum:
+  """Next-token NLL of the tokens batch["loss_mask"] marks (losses.lm_nll), through the
+  model's `token_logprobs`; `kwargs` go to it (deterministic, rngs)."""
+  logprobs = apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"],
+                      start=1, method="token_logprobs", **kwargs)
+  return losses.masked_sum(-logprobs, batch["loss_mask"][:, 1:])
 
 
 def response_values(apply_fn, params, sequences, attention_mask, prompt_len: int):
@@ -103,9 +115,7 @@ def score_pairs(model, params, tokenizer, pairs: list[tuple[str, str]], *,
 
 def lm_eval_step(params, batch: dict, *, apply_fn):
   """NLL of the tokens `loss_mask` marks, summed over every device: a `MaskedSum`."""
-  logits = apply_fn({"params": params}, batch["input_ids"],
-                    attention_mask=batch["attention_mask"])
-  return parallel.psum(losses.lm_nll(logits, batch["input_ids"], batch["loss_mask"]))
+  return parallel.psum(lm_nll(apply_fn, params, batch))
 
 
 def evaluate_nll(eval_step_p, rparams, eval_batches) -> dict:

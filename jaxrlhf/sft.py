@@ -17,7 +17,6 @@ import numpy as np
 
 from jaxrlhf import data_lib
 from jaxrlhf import evaluators
-from jaxrlhf import losses
 from jaxrlhf import model_lib
 from jaxrlhf import metrics as metrics_lib
 from jaxrlhf import optim
@@ -38,10 +37,8 @@ def lm_loss_and_grads(state: train_lib.TrainState, batch: dict, *, train: bool):
   rng = train_lib.step_rng(state)
 
   def loss_fn(params):
-    logits = state.apply_fn(
-        {"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-        deterministic=not train, rngs={"dropout": rng})
-    nll = losses.lm_nll(logits, batch["input_ids"], batch["loss_mask"])
+    nll = scoring.lm_nll(state.apply_fn, params, batch, deterministic=not train,
+                         rngs={"dropout": rng})
     # Dividing the local sum by the GLOBAL count makes psum(grads) the exact gradient
     # of the token-weighted mean, whatever the tokens per device.
     global_count = jnp.maximum(parallel.psum(nll.count), 1.0)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import losses
 from jaxrlhf import parallel
 from jaxrlhf import sampling
 from jaxrlhf import scoring
@@ -50,9 +49,8 @@ def response_logprob(params, prompt_ids, prompt_mask, response_ids, response_mas
   """Sum over response tokens of log pi(token | prefix), at the sampling temperature. [B]"""
   sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask,
                                                            response_ids, response_mask)
-  logits = scoring.response_logits(apply_fn, params, sequences, attention_mask,
-                                   prompt_ids.shape[1])
-  logprobs = losses.token_logprobs(logits, response_ids, temperature)
+  logprobs = scoring.response_logprobs(apply_fn, params, sequences, attention_mask,
+                                       prompt_ids.shape[1], temperature=temperature)
   return jnp.sum(logprobs * response_mask, axis=-1)
 
 

@@ -45,9 +45,17 @@ class TransformerConfig:
   # rest; 'dots' also keeps the matmul outputs that have no batch dimension (the weight
   # matmuls), recomputing norms, activations and attention.
   remat: str = "none"
+  # Sequence positions per chunk when log-probabilities are taken (CausalLM.token_logprobs):
+  # each chunk's [batch, chunk, vocab] logits are made, read and (in the backward pass)
+  # made again, so the [batch, T, vocab] float32 array never exists; 0: the full logits.
+  # A run-time choice, like remat.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     spec = architectures.get_arch(self.arch)
+    if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+      raise ValueError(f"TransformerConfig: logits_chunk must be an integer >= 0, got "
+                       f"{self.logits_chunk!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"TransformerConfig: remat must be one of {REMAT_POLICIES}, got "
                        f"{self.remat!r}")

@@ -177,7 +177,8 @@ def config_to_hf(config: TransformerConfig, score_head: bool = False,
   read_back = config_from_hf(hf, "config being exported")
   for field in dataclasses.fields(TransformerConfig):
     name = field.name
-    if name in ("dtype", "param_dtype", "dropout_rate", "attention_dropout_rate", "remat"):
+    if name in ("dtype", "param_dtype", "dropout_rate", "attention_dropout_rate", "remat",
+                "logits_chunk"):
       continue
     if name == "rope_theta" and spec.positions != "rope":
       continue

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf import losses
 from jaxrlhf.models.config import TransformerConfig
 
 _INIT_STD = 0.02  # Hugging Face's initializer_range for all three architectures.
@@ -281,12 +282,13 @@ class LMHead(nn.Module):
   """Untied output projection; the params are {"kernel": [hidden, vocab]}."""
   config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, hidden):
+  def setup(self):
     config = self.config
-    kernel = self.param("kernel", nn.initializers.normal(_INIT_STD),
-                        (config.hidden_size, config.vocab_size), config.param_dtype)
-    return _logits(hidden, kernel, config.dtype)
+    self.kernel = self.param("kernel", nn.initializers.normal(_INIT_STD),
+                             (config.hidden_size, config.vocab_size), config.param_dtype)
+
+  def __call__(self, hidden):
+    return _logits(hidden, self.kernel, self.config.dtype)
 
 
 def _logits(hidden, kernel, dtype):
@@ -316,6 +318,34 @@ class CausalLM(nn.Module):
     """input_ids [batch, time] -> float32 logits [batch, time, vocab]."""
     hidden, _ = self.transformer(input_ids, attention_mask, position_ids, deterministic)
     return self._head(hidden)
+
+  def unembedding(self):
+    """The output projection [hidden, vocab] (the embedding's transpose when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.transformer.embedding_matrix().T
+    return self.lm_head.kernel
+
+  def token_logprobs(self, input_ids, attention_mask=None, *, start: int,
+                     temperature: float = 1.0, with_entropy: bool = False,
+                     deterministic: bool = True):
+    """log softmax(logits / temperature) of tokens input_ids[:, start:], each read where
+    it is predicted (position t - 1): [batch, time - start] float32, and the entropy
+    there with `with_entropy`.
+
+    With config.logits_chunk > 0 the logits are made that many positions at a time
+    (losses.chunked_token_logprobs); with 0, from the full logits as `__call__` gives them.
+    """
+    hidden, _ = self.transformer(input_ids, attention_mask, None, deterministic)
+    targets = input_ids[:, start:]
+    if not self.config.logits_chunk:
+      logits = self._head(hidden)[:, start - 1:-1]
+      logprobs = losses.token_logprobs(logits, targets, temperature)
+      if with_entropy:
+        return logprobs, losses.entropy_from_logits(logits, temperature)
+      return logprobs
+    return losses.chunked_token_logprobs(
+        hidden[:, start - 1:-1], self.unembedding(), targets, chunk=self.config.logits_chunk,
+        dtype=self.config.dtype, temperature=temperature, with_entropy=with_entropy)
 
   def decode(self, input_ids, cache: KVCache, attention_mask=None, last_only: bool = False):
     """Feeds input_ids [batch, time] through the cache: (logits [batch, time, vocab], cache).

@@ -81,12 +81,12 @@ def score_responses(state: ppo_state.PPOState, prompt_ids, prompt_mask, response
   sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask, response_ids,
                                                    response_mask)
   mask = response_mask.astype(jnp.float32)
-  forward = functools.partial(scoring.response_logits, state.policy.apply_fn, sequences=sequences,
-                              attention_mask=attention_mask, prompt_len=prompt_len)
-  logits = forward(state.policy.params)
-  logprobs = losses.token_logprobs(logits, response_ids, settings.temperature) * mask
-  ref_logprobs = losses.token_logprobs(
-      forward(state.ref_params), response_ids, settings.temperature) * mask
+  forward = functools.partial(scoring.response_logprobs, state.policy.apply_fn,
+                              sequences=sequences, attention_mask=attention_mask,
+                              prompt_len=prompt_len, temperature=settings.temperature)
+  logprobs, entropy = forward(state.policy.params, with_entropy=True)
+  logprobs = logprobs * mask
+  ref_logprobs = forward(state.ref_params) * mask
   values = scoring.response_values(state.value.apply_fn, state.value.params, sequences,
                            attention_mask, prompt_len) * mask
   scores, raw_scores = rollout_scores(state, sequences, attention_mask, mask, stopped,
@@ -106,7 +106,6 @@ def score_responses(state: ppo_state.PPOState, prompt_ids, prompt_mask, response
   kl_k1 = jnp.sum(losses.kl_k1(logprobs, ref_logprobs) * mask, axis=-1)  # [batch]
   kl_k3 = jnp.sum(losses.kl_k3(logprobs, ref_logprobs) * mask, axis=-1)
   per_episode = lambda x: _global_mean(x, episodes)
-  entropy = losses.entropy_from_logits(logits, settings.temperature)
   returns_variance = _global_variance(returns, mask)
   metrics = {
       "score": per_episode(scores),
@@ -183,11 +182,11 @@ def evaluate_step(params, state: ppo_state.PPOState, prompts: dict, *, policy_mo
   sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask, response_ids,
                                                    response_mask)
   mask = response_mask.astype(jnp.float32)
-  forward = functools.partial(scoring.response_logits, state.policy.apply_fn, sequences=sequences,
-                              attention_mask=attention_mask, prompt_len=prompt_len)
-  logprobs = losses.token_logprobs(forward(params), response_ids, settings.temperature)
-  ref_logprobs = losses.token_logprobs(forward(state.ref_params), response_ids,
-                                       settings.temperature)
+  forward = functools.partial(scoring.response_logprobs, state.policy.apply_fn,
+                              sequences=sequences, attention_mask=attention_mask,
+                              prompt_len=prompt_len, temperature=settings.temperature)
+  logprobs = forward(params)
+  ref_logprobs = forward(state.ref_params)
   scores, _ = rollout_scores(state, sequences, attention_mask, mask, stopped, prompt_len,
                               settings.penalty_score)
   kl = jnp.sum(losses.kl_k1(logprobs, ref_logprobs) * mask, axis=-1)

@@ -46,21 +46,18 @@ def policy_loss_and_grads(params, minibatch: ppo_state.Rollout, ptx_batch: dict 
     (grads, aux): aux holds the psum-ed MaskedSums and maxima of the diagnostics.
   """
   prompt_len = minibatch.sequences.shape[1] - settings.max_new_tokens
-  response_ids = minibatch.sequences[:, prompt_len:]
 
   def loss_fn(params):
-    logits = scoring.response_logits(apply_fn, params, minibatch.sequences,
-                             minibatch.attention_mask, prompt_len)
-    logprobs = losses.token_logprobs(logits, response_ids, settings.temperature)
+    logprobs = scoring.response_logprobs(apply_fn, params, minibatch.sequences,
+                                         minibatch.attention_mask, prompt_len,
+                                         temperature=settings.temperature)
     pg = losses.ppo_policy_loss(logprobs, minibatch.old_logprobs, minibatch.advantages,
                                 minibatch.response_mask, settings.clip_eps)
     loss = pg.loss.total / jnp.maximum(parallel.psum(pg.loss.count), 1.0)
     aux = {"pg": pg, "log_ratio_abs_max": jnp.max(jnp.abs(
         jnp.where(minibatch.response_mask > 0, logprobs - minibatch.old_logprobs, 0.0)))}
     if ptx_batch is not None:
-      ptx_logits = apply_fn({"params": params}, ptx_batch["input_ids"],
-                            attention_mask=ptx_batch["attention_mask"])
-      nll = losses.lm_nll(ptx_logits, ptx_batch["input_ids"], ptx_batch["loss_mask"])
+      nll = scoring.lm_nll(apply_fn, params, ptx_batch)
       loss = loss + settings.ptx_coef * nll.total / jnp.maximum(parallel.psum(nll.count), 1.0)
       aux["ptx"] = nll
     return loss, aux
