@@ -1,0 +1,21 @@
+"""The memory report (benchmarks/memory.py) compiles a stage's step from shapes alone and
+reads its memory back; checked against what the state must hold."""
+
+from benchmarks import memory
+from configs import memory as memory_config
+
+
+def test_sft_step_memory_holds_parameters_and_both_adam_moments():
+  config = memory_config.get_config("tiny")
+  config.stages = ("sft",)
+  result = memory.report(config)
+  figures = result["models"]["tiny"]["sft"]
+  # float32 parameters, Adam's mu and nu: at least 12 bytes a parameter, replicated on
+  # every device under pmap, plus the batch; the donated state is aliased to the output.
+  assert figures["parameters"] == 26784
+  assert 12 * figures["parameters"] <= figures["argument"] < 13 * figures["parameters"]
+  assert figures["alias"] >= 12 * figures["parameters"]
+  assert figures["temp"] > 0
+  assert figures["peak_estimate"] == (figures["argument"] + figures["output"]
+                                      + figures["temp"] - figures["alias"])
+  assert "| tiny | 2.68e-05B | sft |" in memory.table(result)
