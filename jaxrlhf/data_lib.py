@@ -20,7 +20,7 @@ from etils import epath
 from jaxrlhf import config_lib
 from jaxrlhf import data as data_pkg
 from jaxrlhf import parallel
-from jaxrlhf.data import formats
+from jaxrlhf.data import sources
 from jaxrlhf.data.world import world as world_lib
 
 
@@ -105,7 +105,7 @@ def field_mapping(spec) -> dict[str, str]:
                          f"pairs separated by commas, got {item!r}")
       mapping[src.strip()] = dst.strip()
     spec = mapping
-  return formats.check_fields(dict(spec))
+  return sources.check_fields(dict(spec))
 
 
 def _read_prepared(kind: str, path: str, fields: dict):

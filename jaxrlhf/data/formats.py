@@ -45,14 +45,14 @@ import json
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
+from jaxrlhf.data import sources
+from jaxrlhf.data.sources import DataError, Source
 from jaxrlhf.data.stats import DataStats
 
 KINDS = ("demonstrations", "rankings", "prompts", "text")
 # The transcript markers of the Anthropic HH data.
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
-# Parquet and Arrow files hold one record a row.
-TABLE_EXTENSIONS = (".parquet", ".arrow")
 
 Turn = tuple[str, str]  # (role, content)
 Span = tuple[int, int]  # [start, end) characters of a prompt
@@ -69,34 +69,6 @@ def tldr_prompt(subreddit: str, title: str, post: str) -> tuple[str, Span]:
 def tldr_summary(summary: str) -> str:
   """A TL;DR summary as a response: it starts with one space, after "TL;DR:"."""
   return " " + summary.strip()
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """Where an example came from: a file and a 1-based line (JSONL) or row (Parquet,
-  Arrow) number."""
-  file: str
-  line: int
-  unit: str = "line"
-
-  def __str__(self) -> str:
-    return f"{self.file}:{self.line}"
-
-
-class DataError(ValueError):
-  """Bad input data; the message names file, line and field and what was expected."""
-
-  def __init__(self, message: str, *, source: Source | None = None,
-               field: str | None = None, reason: str = "invalid"):
-    self.source = source
-    self.field = field
-    self.reason = reason
-    where = []
-    if source is not None:
-      where.append(f"{source.file}, {source.unit} {source.line}")
-    if field is not None:
-      where.append(f"field '{field}'")
-    super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,62 +445,6 @@ def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
       yield number, raw.rstrip(b"\r\n")
 
 
-def is_table(path: str) -> bool:
-  """Whether `path` is a Parquet or Arrow file (one record a row)."""
-  return os.fspath(path).endswith(TABLE_EXTENSIONS)
-
-
-def _table_batches(path: str):
-  """The record batches of a Parquet file, or of an Arrow IPC stream or file (the
-  `.arrow` files of a Hugging Face dataset saved to disk)."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  try:
-    if path.endswith(".parquet"):
-      reader = pq.ParquetFile(path)
-      batches = reader.iter_batches(batch_size=1024)
-    else:
-      try:
-        batches = iter(pa.ipc.open_stream(pa.memory_map(path)))
-      except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(path))
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-    for batch in batches:
-      yield batch
-  except (pa.ArrowException, OSError) as e:
-    raise DataError(f"{path}: not a readable {os.path.splitext(path)[1][1:]} file, or a "
-                    f"damaged one ({type(e).__name__}: {e})", reason="unreadable_file") from None
-
-
-def _table_rows(path: str) -> Iterator[tuple[Source, Callable[[], dict]]]:
-  """(source, record loader) per row. A row whose strings are not valid UTF-8 raises
-  DataError naming its column when it is loaded."""
-  number = 0
-  for batch in _table_batches(path):
-    try:
-      rows = batch.to_pylist()
-    except (UnicodeDecodeError, ValueError):
-      rows = None  # some row is undecodable: decode row by row to find it
-    for i in range(batch.num_rows):
-      number += 1
-      source = Source(path, number, "row")
-      if rows is not None:
-        yield source, (lambda row=rows[i]: row)
-      else:
-        yield source, (lambda i=i, source=source: _decode_row(batch, i, source))
-
-
-def _decode_row(batch, i: int, source: Source) -> dict:
-  row = {}
-  for name, column in zip(batch.schema.names, batch.columns):
-    try:
-      row[name] = column.slice(i, 1).to_pylist()[0]
-    except (UnicodeDecodeError, ValueError) as e:
-      raise DataError(f"not valid UTF-8 ({e})", source=source, field=name,
-                      reason="not_utf8") from None
-  return row
-
-
 def _json_rows(path: str, plain_text: bool) -> Iterator[tuple[Source, Callable[[], Any] | None]]:
   """(source, record loader) per line; None for a blank line."""
   for number, raw in _raw_lines(path):
@@ -549,36 +465,6 @@ def _plain_text(raw: bytes, source: Source) -> Text:
                     source=source, field="text", reason="not_utf8") from None
 
 
-def check_fields(fields: Mapping[str, str] | None) -> dict[str, str]:
-  """A field mapping {name in the files: name a layout expects}, checked."""
-  fields = dict(fields or {})
-  for src, dst in fields.items():
-    if not isinstance(src, str) or not isinstance(dst, str) or not src or not dst:
-      raise ValueError(f"field mapping {src!r} -> {dst!r}: both names must be non-empty "
-                       "strings")
-  targets = list(fields.values())
-  duplicates = sorted({t for t in targets if targets.count(t) > 1})
-  if duplicates:
-    raise ValueError(f"field mapping {fields}: several fields map to {duplicates[0]!r}")
-  return fields
-
-
-def rename_fields(record: Any, fields: Mapping[str, str], source: Source) -> Any:
-  """`record` with its top-level keys renamed by `fields`; a renamed key that the record
-  also holds under its new name is an error (one of the two would be lost)."""
-  if not fields or not isinstance(record, dict):
-    return record
-  out = {k: v for k, v in record.items() if k not in fields}
-  for src, dst in fields.items():
-    if src in record:
-      if dst in record and dst not in fields:
-        raise DataError(f"the record holds both {src!r} and {dst!r}, and the field mapping "
-                        f"renames {src!r} to {dst!r}", source=source, field=src,
-                        reason="field_mapping")
-      out[dst] = record[src]
-  return out
-
-
 def iter_file(kind: str, path: str, *, skip_invalid: bool = False,
               stats: DataStats | None = None,
               fields: Mapping[str, str] | None = None) -> Iterator[Example]:
@@ -587,10 +473,10 @@ def iter_file(kind: str, path: str, *, skip_invalid: bool = False,
   if kind not in PARSERS:
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
   stats = stats if stats is not None else DataStats()
-  fields = check_fields(fields)
+  fields = sources.check_fields(fields)
   parse = PARSERS[kind]
   plain_text = kind == "text" and path.endswith(".txt")
-  rows = _table_rows(path) if is_table(path) else _json_rows(path, plain_text)
+  rows = sources.table_rows(path) if sources.is_table(path) else _json_rows(path, plain_text)
   for source, load in rows:
     if load is None:
       stats.add("ignored/blank_lines")
@@ -600,7 +486,7 @@ def iter_file(kind: str, path: str, *, skip_invalid: bool = False,
       if isinstance(record, Text):
         example = record
       else:
-        example = parse(rename_fields(record, fields, source), source)
+        example = parse(sources.rename_fields(record, fields, source), source)
     except DataError as e:
       mapped_from = {dst: src for src, dst in fields.items()}.get(e.field)
       if mapped_from is not None and e.reason == "missing_field":

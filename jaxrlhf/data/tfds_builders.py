@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxrlhf.data import formats
+from jaxrlhf.data import sources
 from jaxrlhf.data.stats import DataStats
 
 SPLITS = ("train", "validation", "test")
@@ -204,11 +205,11 @@ def prepare(kind: str, files_dir: str, data_dir: str, *, skip_invalid: bool = Fa
             fields: dict[str, str] | None = None) -> tfds.core.DatasetBuilder:
   """Parses `files_dir` and writes the prepared `kind` dataset under `data_dir`; every
   stage reads a split of it as `config.data.train_file="tfds:<data_dir>:train"`.
-  `fields` renames record keys first (formats.rename_fields)."""
+  `fields` renames record keys first (sources.rename_fields)."""
   split_files(kind, files_dir)  # a clear error before TFDS's own
   builder = BUILDERS[kind](data_dir=data_dir, file_format="array_record")
   builder.skip_invalid = skip_invalid
-  builder.fields = formats.check_fields(fields)
+  builder.fields = sources.check_fields(fields)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=files_dir))
   return builder
