@@ -115,6 +115,7 @@ def get_config(arg=None):
   config.num_sample_texts = 4  # EMA-policy responses logged as text per evaluation.
   config.checkpoint_every = 10  # Iterations between checkpoints (and at the end).
   config.keep_checkpoints = 2  # Newest checkpoints kept.
+  config.parallel = config_lib.parallel_config()  # pmap, or a sharded mesh.
 
   if variant in ("tiny", "tiny_ptx"):
     # Measured on the embedded world before its question-and-answer web text (labeler

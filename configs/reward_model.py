@@ -68,6 +68,7 @@ def get_config(arg=None):
   config.num_eval_batches = 0  # Validation batches per pass (0 = all).
   config.checkpoint_every = 100  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 2  # Newest checkpoints kept.
+  config.parallel = config_lib.parallel_config()  # pmap, or a sharded mesh.
 
   if variant == "tiny":
     pass

@@ -62,6 +62,7 @@ def get_config(arg=None):
   config.num_sample_prompts = 4  # Greedy samples of validation prompts logged as text.
   config.checkpoint_every = 200  # Steps between checkpoints (and always at the end).
   config.keep_checkpoints = 2  # Newest checkpoints kept.
+  config.parallel = config_lib.parallel_config()  # pmap, or a sharded mesh.
 
   if variant == "tiny":
     pass

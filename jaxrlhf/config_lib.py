@@ -77,6 +77,19 @@ TLDR_MAX_SUMMARY_LEN = 53  # tldr_dataset.py max_sft_response_length; ppo.py res
 TLDR_MAX_RM_RESPONSE_LEN = 169  # tldr_dataset.py max_rm_response_length.
 
 
+def parallel_config() -> ml_collections.ConfigDict:
+  """How a stage uses its devices (jaxrlhf/parallel.py)."""
+  cfg = ml_collections.ConfigDict()
+  # 'pmap': every device holds the whole state, batches split over the devices.
+  # 'mesh': jit over a device mesh; parameters, optimizer states, EMA, reference and
+  # reward model split over its fsdp axis, batches over all of it.
+  cfg.mode = "pmap"
+  # Mesh mode: axis sizes, e.g. "fsdp=8" or "data=2,fsdp=4"; one may be -1 (the rest of
+  # the devices); '' = fsdp over every device.
+  cfg.mesh = ""
+  return cfg
+
+
 def tldr_optimizer(schedule: str) -> ml_collections.ConfigDict:
   """The reproduction's optimizer for all three stages: torch AdamW at lr 3e-6 and eps
   1e-5 (sft.py, reward.py, ppo.py), with torch's defaults for what they leave unset

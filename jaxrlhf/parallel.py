@@ -1,13 +1,26 @@
 """Every pmap, replicate, shard and unreplicate call in jaxrlhf lives here.
 
-Keeping the collectives in one module means a later move from `pmap` to `jit` with
-named sharding touches this file only. Nowhere else spells the axis name.
+Two layouts, one set of calls (`configure` picks one from `config.parallel`):
+
+- "pmap" (the default): every device holds the whole state; a step body sees its
+  device's rows and reduces over the `batch` axis with `psum` / `pmean`.
+- "mesh": `jit` over a device mesh (axes `data` and `fsdp`). Batches are split over
+  both axes; parameters, optimizer states, EMA, reference and reward model are split
+  over `fsdp` (each array along its largest dimension the axis size divides), and XLA
+  inserts the gathers and reduce-scatters. A step body sees the GLOBAL batch, so the
+  reductions below are identities there: the same step is exact in both layouts.
+
+Host code keeps one convention in both: host batches are [local_devices, per_device,
+...] (`shard`), per-row outputs come back through `unshard`, replicated ones through
+`fetch` / `unreplicate`. Nowhere else spells an axis name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import dataclasses
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -16,8 +29,158 @@ import numpy as np
 
 from jaxrlhf import config_lib
 
-# The one axis every train step reduces over.
+# The one axis every pmapped train step reduces over.
 BATCH_AXIS = "batch"
+
+MODES = ("pmap", "mesh")
+MESH_AXES = ("data", "fsdp")
+# Arrays with fewer elements stay whole on every device in mesh mode (norm scales,
+# biases, the step counter, PRNG keys): splitting them saves nothing and costs a gather.
+MIN_SHARDED_SIZE = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the devices are used: `mode` "pmap", or "mesh" with `mesh` (axes MESH_AXES)."""
+  mode: str = "pmap"
+  mesh: jax.sharding.Mesh | None = None
+
+  @property
+  def is_mesh(self) -> bool:
+    return self.mode == "mesh"
+
+  def axis_size(self, name: str) -> int:
+    return int(self.mesh.shape[name]) if self.mesh is not None else 1
+
+  def describe(self) -> str:
+    if not self.is_mesh:
+      return f"pmap over {jax.device_count()} devices"
+    return "mesh " + " x ".join(f"{a}={self.axis_size(a)}" for a in MESH_AXES)
+
+
+_LAYOUT = Layout()
+
+
+def layout() -> Layout:
+  return _LAYOUT
+
+
+def parse_mesh(spec: str, num_devices: int, field: str = "config.parallel.mesh"
+               ) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; one size may be -1 (the rest of the
+  devices); an axis left out has size 1; '' is fsdp over every device."""
+  sizes = {a: 1 for a in MESH_AXES}
+  if not spec.strip():
+    spec = "fsdp=-1"
+  seen = set()
+  for part in spec.split(","):
+    name, sep, value = part.partition("=")
+    name = name.strip()
+    if not sep or name not in MESH_AXES or name in seen:
+      raise config_lib.ConfigError(
+          f"{field}={spec!r}: each entry is <axis>=<size> with axis one of "
+          f"{', '.join(MESH_AXES)}, each at most once ('{part.strip()}' is not).")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"{field}={spec!r}: the size of {name} must be an integer, not {value!r}.") from None
+    seen.add(name)
+  rest = [a for a, n in sizes.items() if n == -1]
+  if len(rest) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
+    raise config_lib.ConfigError(
+        f"{field}={spec!r}: sizes are positive, and at most one is -1 (the rest).")
+  known = math.prod(n for n in sizes.values() if n != -1)
+  if rest:
+    if num_devices % known:
+      raise config_lib.ConfigError(
+          f"{field}={spec!r}: {num_devices} devices are not a multiple of {known}.")
+    sizes[rest[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise config_lib.ConfigError(
+        f"{field}={spec!r}: the axes hold {math.prod(sizes.values())} devices and the run "
+        f"has {num_devices}; make their product {num_devices} (or use -1 for one axis).")
+  return sizes
+
+
+def make_layout(mode: str = "pmap", mesh: str = "", devices: Sequence[Any] | None = None,
+                field: str = "config.parallel") -> Layout:
+  if mode not in MODES:
+    raise config_lib.ConfigError(
+        f"{field}.mode={mode!r}: choose one of {', '.join(repr(m) for m in MODES)}.")
+  if mode == "pmap":
+    return Layout()
+  devices = list(devices or jax.devices())
+  sizes = parse_mesh(mesh, len(devices), field=f"{field}.mesh")
+  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+  return Layout("mesh", jax.sharding.Mesh(grid, MESH_AXES))
+
+
+def set_layout(new: Layout) -> Layout:
+  """Makes `new` the layout of every step built and batch placed from now on; returns
+  the previous one."""
+  global _LAYOUT
+  previous, _LAYOUT = _LAYOUT, new
+  return previous
+
+
+def configure(parallel_config: Any | None) -> Layout:
+  """Sets the layout from a `config.parallel` section ({mode, mesh}); pmap without one."""
+  new = (Layout() if parallel_config is None else
+         make_layout(parallel_config.get("mode", "pmap"), parallel_config.get("mesh", "")))
+  set_layout(new)
+  return new
+
+
+@contextlib.contextmanager
+def using(new: Layout) -> Iterator[Layout]:
+  """`set_layout(new)` for the block."""
+  previous = set_layout(new)
+  try:
+    yield new
+  finally:
+    set_layout(previous)
+
+
+def _batch_spec() -> jax.sharding.PartitionSpec:
+  return jax.sharding.PartitionSpec(MESH_AXES)
+
+
+def batch_sharding(lay: Layout | None = None) -> jax.sharding.NamedSharding:
+  """Mesh mode: rows split over every mesh axis."""
+  lay = lay or _LAYOUT
+  return jax.sharding.NamedSharding(lay.mesh, _batch_spec())
+
+
+def param_spec(shape: Sequence[int], fsdp: int) -> jax.sharding.PartitionSpec:
+  """The fsdp split of one array: its largest dimension that `fsdp` divides (the first
+  of equals), or none for small arrays and arrays no dimension of which it divides."""
+  shape = tuple(shape)
+  if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+    return jax.sharding.PartitionSpec()
+  candidates = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
+  if not candidates:
+    return jax.sharding.PartitionSpec()
+  dim = max(candidates, key=lambda d: (shape[d], -d))
+  return jax.sharding.PartitionSpec(*(["fsdp" if d == dim else None
+                                       for d in range(len(shape))]))
+
+
+def param_sharding(shape: Sequence[int], lay: Layout | None = None
+                   ) -> jax.sharding.NamedSharding:
+  lay = lay or _LAYOUT
+  return jax.sharding.NamedSharding(lay.mesh, param_spec(shape, lay.axis_size("fsdp")))
+
+
+def state_shardings(tree: Any, lay: Layout | None = None) -> Any:
+  """The mesh-mode sharding of every array of a state (params, optimizer states, ...)."""
+  return jax.tree_util.tree_map(lambda x: param_sharding(np.shape(x), lay), tree)
+
+
+def _constrain_state(tree: Any, lay: Layout) -> Any:
+  return jax.tree_util.tree_map(
+      lambda x: jax.lax.with_sharding_constraint(x, param_sharding(x.shape, lay))
+      if hasattr(x, "shape") else x, tree)
 
 
 def local_device_count() -> int:
@@ -30,7 +193,7 @@ def check_batch_size(global_batch_size: int, name: str = "batch_size") -> int:
   processes = jax.process_count()
   if global_batch_size <= 0:
     raise config_lib.ConfigError(f"config.{name}={global_batch_size} must be positive.")
-  if global_batch_size % devices:
+  if global_batch_size % devices:  # both layouts split a batch over every device
     raise config_lib.ConfigError(
         f"config.{name}={global_batch_size} is not divisible by the {devices} devices "
         f"({processes} process(es) x {jax.local_device_count()} local); pick a multiple "
@@ -41,7 +204,17 @@ def check_batch_size(global_batch_size: int, name: str = "batch_size") -> int:
 def pmap_step(step_fn: Callable, *, donate_state: bool = True,
               static_broadcasted_argnums: Sequence[int] = (),
               devices: Sequence[Any] | None = None) -> Callable:
-  """Wraps a pure `step(state, batch, ...)` once for all (or the given) devices."""
+  """Wraps a pure `step(state, batch, ...) -> (state, ...)` once for all (or the given)
+  devices: pmapped, or in mesh mode jitted with the new state kept in the state's
+  sharding."""
+  if _LAYOUT.is_mesh and devices is None:
+    lay = _LAYOUT
+
+    def mesh_step(state, *args):
+      out = step_fn(state, *args)
+      return (_constrain_state(out[0], lay),) + tuple(out[1:])
+    return _mesh_jit(mesh_step, donate_argnums=(0,) if donate_state else (),
+                     static_argnums=tuple(static_broadcasted_argnums))
   return jax.pmap(
       _traced_in_current_order(step_fn),
       axis_name=BATCH_AXIS,
@@ -51,8 +224,17 @@ def pmap_step(step_fn: Callable, *, donate_state: bool = True,
 
 
 def pmap_fn(fn: Callable, **kwargs) -> Callable:
-  """pmaps a pure function that donates nothing (evaluation, scoring, sampling)."""
+  """pmaps a pure function that donates nothing (evaluation, scoring, sampling); in
+  mesh mode, jits it (`in_axes` has no meaning there: every argument is global)."""
+  if _LAYOUT.is_mesh and kwargs.get("devices") is None:
+    return _mesh_jit(fn, static_argnums=tuple(kwargs.get("static_broadcasted_argnums", ())))
   return jax.pmap(_traced_in_current_order(fn), axis_name=BATCH_AXIS, **kwargs)
+
+
+def _mesh_jit(fn: Callable, **kwargs) -> Callable:
+  """jit: the arguments carry their shardings (`replicate`, `device_put_sharded`), and
+  XLA partitions the program to match."""
+  return jax.jit(fn, **kwargs)
 
 
 def _leading_axis_sharding(devices: Sequence[Any] | None):
@@ -61,17 +243,49 @@ def _leading_axis_sharding(devices: Sequence[Any] | None):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS)), len(devices)
 
 
+def _global_from_host(x: Any, sharding) -> jax.Array:
+  """A global array from a host value every process holds whole."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
-  """Copies a host pytree onto every local device (leading axis = local devices)."""
+  """Copies a host pytree onto every local device (leading axis = local devices); in
+  mesh mode, places it split over `fsdp` (`param_spec`) with no leading axis."""
+  if _LAYOUT.is_mesh and devices is None:
+    return jax.tree_util.tree_map(
+        lambda x: _global_from_host(x, param_sharding(np.shape(x))), jax.device_get(tree))
   sharding, n = _leading_axis_sharding(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
                                sharding), jax.device_get(tree))
 
 
+def _whole(x: Any) -> np.ndarray:
+  """The whole value of a global array on this host (gathered from every process)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _is_pmapped(x: Any) -> bool:
+  """Whether `x` has pmap's leading device axis (a pmap output or a `replicate` copy)."""
+  if not isinstance(x, jax.Array):
+    return True  # host arrays in pmap's layout
+  sharding = x.sharding
+  pmap_sharding = getattr(jax.sharding, "PmapSharding", None)  # gone in newer jax
+  if pmap_sharding is not None and isinstance(sharding, pmap_sharding):
+    return True
+  return (isinstance(sharding, jax.sharding.NamedSharding)
+          and sharding.mesh.axis_names == (BATCH_AXIS,))
+
+
 def unreplicate(tree: Any) -> Any:
-  """Takes device 0's copy of a replicated pytree, as numpy-backed host arrays."""
-  return jax.tree_util.tree_map(lambda x: jax.device_get(x[0]), tree)
+  """Takes device 0's copy of a replicated pytree, as numpy-backed host arrays; in mesh
+  mode, gathers each array whole."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_get(x[0]) if _is_pmapped(x) else _whole(x), tree)
 
 
 def shard(tree: Any, num_devices: int | None = None) -> Any:
@@ -89,13 +303,26 @@ def shard(tree: Any, num_devices: int | None = None) -> Any:
 
 
 def unshard(tree: Any) -> Any:
-  """Inverse of `shard`: [devices, per_device, ...] -> [devices * per_device, ...]."""
-  return jax.tree_util.tree_map(
-      lambda x: np.asarray(x).reshape((-1,) + tuple(x.shape[2:])), tree)
+  """This process's rows of per-row outputs, on the host: pmap's [devices, per_device,
+  ...] -> [devices * per_device, ...]; a mesh-mode [global rows, ...] -> its rows."""
+  def rows(x):
+    if _is_pmapped(x):
+      x = np.asarray(jax.device_get(x))
+      return x.reshape((-1,) + tuple(x.shape[2:]))
+    whole = _whole(x)
+    n = whole.shape[0] // jax.process_count()
+    return whole[jax.process_index() * n:(jax.process_index() + 1) * n]
+  return jax.tree_util.tree_map(rows, tree)
 
 
 def device_put_sharded(tree: Any, devices: Sequence[Any] | None = None) -> Any:
-  """Places an already-sharded host batch [local_devices, ...] on the devices."""
+  """Places an already-sharded host batch [local_devices, ...] on the devices; in mesh
+  mode, as the process's rows of one global batch split over every mesh axis."""
+  if _LAYOUT.is_mesh and devices is None:
+    sharding = batch_sharding()
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x).reshape((-1,) + np.shape(x)[2:])), tree)
   sharding, _ = _leading_axis_sharding(devices)
   return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
 
@@ -142,13 +369,21 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(jax.lax.all_gather(x, axis_name=BATCH_AXIS), axis=0).astype(x.dtype)
 
 
+# Inside a step. In mesh mode a step sees the global batch, so a sum or mean over the
+# devices is already taken: the reductions are identities there.
+
+
 def psum(tree: Any) -> Any:
+  if _LAYOUT.is_mesh:
+    return tree
   if _FIXED_ORDER:
     return jax.tree_util.tree_map(_ordered_sum, tree)
   return jax.lax.psum(tree, axis_name=BATCH_AXIS)
 
 
 def pmean(tree: Any) -> Any:
+  if _LAYOUT.is_mesh:
+    return tree
   if _FIXED_ORDER:
     count = jax.lax.psum(1, axis_name=BATCH_AXIS)  # the device count: exact in any order
     return jax.tree_util.tree_map(lambda x: (_ordered_sum(x) / count).astype(x.dtype), tree)
@@ -156,19 +391,17 @@ def pmean(tree: Any) -> Any:
 
 
 def pmax(tree: Any) -> Any:
+  if _LAYOUT.is_mesh:
+    return tree
   return jax.lax.pmax(tree, axis_name=BATCH_AXIS)
 
 
-def all_gather(tree: Any) -> Any:
-  return jax.lax.all_gather(tree, axis_name=BATCH_AXIS)
-
-
-def axis_index() -> jax.Array:
-  return jax.lax.axis_index(BATCH_AXIS)
-
-
 def device_rng(rng: jax.Array) -> jax.Array:
-  """Inside a pmapped function: a key that differs per device (same on every step)."""
+  """Inside a step: a key that differs per device (same on every step); in mesh mode,
+  where the step sees every row, the key itself (draws then differ from pmap's, with
+  the same distribution)."""
+  if _LAYOUT.is_mesh:
+    return rng
   return jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXIS))
 
 
@@ -179,8 +412,13 @@ def masked_mean(total: jax.Array, count: jax.Array) -> jax.Array:
 
 
 def fetch(tree: Any) -> Any:
-  """Host copy of replicated metrics (device 0); the only sync point per log interval."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x))[0], tree)
+  """Host copy of replicated metrics (device 0's in pmap mode), in one transfer; the
+  only sync point per log interval."""
+  pmapped = jax.tree_util.tree_map(_is_pmapped, tree)
+  host = jax.device_get(jax.tree_util.tree_map(
+      lambda x, p: x if p or x.is_fully_addressable else _whole(x), tree, pmapped))
+  return jax.tree_util.tree_map(lambda x, p: np.asarray(x)[0] if p else np.asarray(x),
+                                host, pmapped)
 
 
 def process_allgather(tree: Any) -> Any:
@@ -235,7 +473,8 @@ def _on_cloud_tpu_vm() -> bool:
 
 
 __all__ = [
-    "BATCH_AXIS", "check_batch_size", "pmap_step", "pmap_fn", "replicate",
+    "BATCH_AXIS", "Layout", "layout", "configure", "make_layout", "set_layout", "using",
+    "state_shardings", "check_batch_size", "pmap_step", "pmap_fn", "replicate",
     "unreplicate", "shard", "unshard", "device_put_sharded", "pmean", "psum",
     "masked_mean", "fetch", "device_rng", "set_fixed_reduction_order",
     "fixed_reduction_order",

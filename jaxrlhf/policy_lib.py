@@ -83,7 +83,9 @@ class Sampler:
       part = prompts[start:start + chunk]
       padded = part + [part[-1]] * (chunk - len(part))  # fixed shapes: one compile
       enc = parallel.shard(self.encode_prompts(padded), n_dev)
-      ids, mask, stop = jax.device_get(self._sample_p(
+      if self._num_devices is None:  # the stage's layout; else pmapped on `devices`
+        enc = parallel.device_put_sharded(enc)
+      ids, mask, stop = parallel.unshard(self._sample_p(
           rparams, enc["prompt_ids"], enc["prompt_mask"],
           jax.random.fold_in(rng, start)))
       ids = np.asarray(ids).reshape(chunk, -1)[:len(part)]

@@ -68,7 +68,7 @@ def sample_and_rank(config: ml_collections.ConfigDict, tokenizer, world_dir: epa
       model, tokenizer, max_prompt_len=config.max_prompt_len,
       max_new_tokens=config.max_response_len, temperature=config.temperature,
       per_device_batch=config.per_device_batch, devices=jax.local_devices())
-  rparams = parallel.replicate(params)
+  rparams = parallel.replicate(params, devices=jax.local_devices())
   info = {}
   for split in SPLITS:
     rm_file = world_dir / "rm" / f"{split}.jsonl"

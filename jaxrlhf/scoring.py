@@ -94,8 +94,7 @@ def score_batches(score_step_p, rparams, batches) -> np.ndarray:
   for batch in batches:
     valid = np.asarray(batch["valid"]).reshape(-1) > 0
     device_batch = {k: v for k, v in batch.items() if k != "valid"}
-    scores = np.asarray(jax.device_get(score_step_p(rparams,
-                                                    train_lib.put_batch(device_batch))))
+    scores = parallel.unshard(score_step_p(rparams, train_lib.put_batch(device_batch)))
     out.append(scores.reshape(-1)[valid])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

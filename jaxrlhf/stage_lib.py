@@ -70,6 +70,8 @@ class Stage:
       raise config_lib.ConfigError("config.tokenizer is empty: give the directory of your checkpoint's "
                        "tokenizer (the Hugging Face directory of init_from, usually).")
     self.tokenizer = models.load_tokenizer(config.tokenizer)
+    # Every step and placement of this stage follows config.parallel (pmap without it).
+    self.layout = parallel.configure(config.get("parallel"))
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
     self.writer: metrics_lib.MetricWriter | None = None
     self.start_step = 0

@@ -190,9 +190,9 @@ def run_loop(*, rstate: Any, step_fn: Callable, next_batch: Callable[[], tuple],
     nonlocal last
     if not pending:
       return
-    host = jax.device_get([m for _, m in pending])
+    host = parallel.fetch([m for _, m in pending])
     for (s, _), m in zip(pending, host):
-      m = {k: float(np.asarray(v)[0]) for k, v in m.items()}
+      m = {k: float(v) for k, v in m.items()}
       check_finite(s, m, names=must_be_finite, last_checkpoint=checkpointer.latest_step())
       last = m
     elapsed = seconds + time.perf_counter() - t_window

@@ -104,8 +104,6 @@ def run_batched(fn, rparams, arrays: dict[str, np.ndarray], per_device: int,
     device_args = [train_lib.put_batch(parallel.shard(v)) for v in padded.values()]
     extra_args = [jax.random.fold_in(e, start) if isinstance(e, jax.Array) else e
                   for e in extra]
-    out = jax.device_get(fn(rparams, *device_args, *extra_args))
-    outputs.append(jax.tree_util.tree_map(
-        lambda x, real=real: np.asarray(x).reshape((chunk,) + np.asarray(x).shape[2:])[:real],
-        out))
+    out = parallel.unshard(fn(rparams, *device_args, *extra_args))
+    outputs.append(jax.tree_util.tree_map(lambda x, real=real: x[:real], out))
   return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outputs)

@@ -157,9 +157,10 @@ class LoglikScorer:
         rows = part + [part[0]] * (global_rows - len(part))
         mine = rows[proc * local_rows:(proc + 1) * local_rows]
         batch = self.make_batch([encoded[i] for i in mine], bucket)
-        lp, gr = self._score_p(self.rparams, parallel.shard(batch))
-        lp = np.asarray(jax.device_get(lp), np.float64).reshape(-1)
-        gr = np.asarray(jax.device_get(gr)).reshape(-1)
+        lp, gr = parallel.unshard(self._score_p(
+            self.rparams, parallel.device_put_sharded(parallel.shard(batch))))
+        lp = np.asarray(lp, np.float64).reshape(-1)
+        gr = np.asarray(gr).reshape(-1)
         lp, gr = (np.asarray(x).reshape(-1) for x in parallel.process_allgather((lp, gr)))
         logprob[part] = lp[:len(part)]
         greedy[part] = gr[:len(part)]

@@ -119,8 +119,8 @@ class CheckpointToxicityScorer:
         mask[i, :len(row)] = 1
       batch = {"input_ids": ids, "attention_mask": mask,
                "end_index": (mask.sum(axis=1) - 1).astype(np.int32)}
-      scores = self._score_p(self._rparams, parallel.shard(batch))
-      out.append(np.asarray(jax.device_get(scores), np.float64).reshape(-1)[:n])
+      scores = self._score_p(self._rparams, parallel.device_put_sharded(parallel.shard(batch)))
+      out.append(np.asarray(parallel.unshard(scores), np.float64).reshape(-1)[:n])
     scores = np.concatenate(out) if out else np.zeros((0,), np.float64)
     return 1.0 / (1.0 + np.exp(-scores)) if self.transform == "sigmoid" else scores
 

@@ -110,7 +110,7 @@ def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
     sums = parallel.fetch(sums)
     totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
     if tokenizer is not None and len(texts) < num_texts:
-      ids, mask = parallel.unshard(jax.device_get((ids, mask)))
+      ids, mask = parallel.unshard((ids, mask))
       prompts = parallel.unshard(device_batch)
       for p, pm, r, rm in zip(prompts["prompt_ids"], prompts["prompt_mask"], ids, mask):
         if len(texts) < num_texts:
