@@ -48,6 +48,7 @@ def get_config(arg=None):
   config.greedy = False  # Greedy answers instead of samples.
   config.per_device_batch = 32  # Rows per device per compiled call.
   config.seed = 0  # Sampling keys, few-shot example choice, labeler noise.
+  config.parallel = config_lib.parallel_config()  # pmap, or a sharded mesh.
   config.num_sample_texts = 6  # Prompts whose answers appear in the report.
   # Labeler judge only: n more baseline answers per prompt; the best of 1, 2, 4 .. n by the
   # reward model and by the labeler's noiseless quality, judged against the baseline

@@ -25,6 +25,8 @@ import os
 
 import ml_collections
 
+from jaxrlhf import config_lib
+
 _FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests",
                          "eval", "fixtures")
 
@@ -35,6 +37,7 @@ def get_config(arg=None):
   config.checkpoints = ""  # Comma-separated name=dir (or bare dirs) of causal-LM exports.
   config.tokenizer = ""  # Tokenizer directory; '' = each checkpoint's own.
   config.seed = 0  # Sampling (toxicity) and the k-shot draw.
+  config.parallel = config_lib.parallel_config()  # pmap, or a sharded mesh.
   config.max_len = 512  # Tokens per scored sequence; longer contexts lose their start.
   config.per_device_batch_size = 8  # Sequences per device per forward pass or sample.
   config.max_examples = 0  # If > 0, only the first N items of each benchmark (smoke runs).

@@ -31,6 +31,10 @@ def get_config(arg=None):
   # (config.world.seed) and the evaluation's sampling and labeler noise stay fixed, so
   # two seeds differ only in how the models were trained.
   config.seed = 0
+  # Every stage's config.parallel when mode is set ('pmap' or 'mesh'); '' = each
+  # stage's own section. E.g. --config.parallel.mode=mesh --config.parallel.mesh=fsdp=8.
+  config.parallel = config_lib.parallel_config()
+  config.parallel.mode = ""
   # One world for every stage (its sections' own `data.world` are replaced by this).
   config.world = config_lib.world_config(scale=0.002 if variant == "test" else 0.05)
   config.pretrain = pretrain_config.get_config(variant)

@@ -36,10 +36,18 @@ EVALUATED_POLICIES = (("sft", "sft", "hf"), ("ppo", "ppo", "hf_ema"),
                       ("ppo_ptx", "ppo_ptx", "hf_ema"))
 
 
+def _set_parallel(stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+  """The pipeline's config.parallel for a stage that has the section, when its mode is set."""
+  pipeline = config.get("parallel")
+  if pipeline is not None and pipeline.mode and "parallel" in stage:
+    stage.parallel = ml_collections.ConfigDict(pipeline.to_dict())
+
+
 def evaluate_config(config: ml_collections.ConfigDict,
                     workdir: epath.Path) -> ml_collections.ConfigDict:
   """The evaluate section wired to the pipeline's exports; the report goes to workdir."""
   stage = ml_collections.ConfigDict(config.evaluate.to_dict())
+  _set_parallel(stage, config)
   stage.policies = ",".join(f"{name}={workdir / source / export}"
                             for name, source, export in EVALUATED_POLICIES
                             if source in config.stages)
@@ -63,6 +71,7 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
   stage = ml_collections.ConfigDict(config[name].to_dict())
   # Another training seed (init, data order, sampling) on the same world.
   stage.seed = stage.seed + config.get("seed", 0)
+  _set_parallel(stage, config)
   stage.data.world_dir = str(workdir / "world")
   stage.data.world = ml_collections.ConfigDict(config.world.to_dict())
   parent = STAGES[name][2]

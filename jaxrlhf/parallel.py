@@ -216,7 +216,7 @@ def pmap_step(step_fn: Callable, *, donate_state: bool = True,
     return _mesh_jit(mesh_step, donate_argnums=(0,) if donate_state else (),
                      static_argnums=tuple(static_broadcasted_argnums))
   return jax.pmap(
-      _traced_in_current_order(step_fn),
+      _traced_as(_traced_in_current_order(step_fn)),
       axis_name=BATCH_AXIS,
       donate_argnums=(0,) if donate_state else (),
       static_broadcasted_argnums=tuple(static_broadcasted_argnums),
@@ -228,13 +228,33 @@ def pmap_fn(fn: Callable, **kwargs) -> Callable:
   mesh mode, jits it (`in_axes` has no meaning there: every argument is global)."""
   if _LAYOUT.is_mesh and kwargs.get("devices") is None:
     return _mesh_jit(fn, static_argnums=tuple(kwargs.get("static_broadcasted_argnums", ())))
-  return jax.pmap(_traced_in_current_order(fn), axis_name=BATCH_AXIS, **kwargs)
+  return jax.pmap(_traced_as(_traced_in_current_order(fn)),
+                  axis_name=BATCH_AXIS, **kwargs)
 
 
 def _mesh_jit(fn: Callable, **kwargs) -> Callable:
   """jit: the arguments carry their shardings (`replicate`, `device_put_sharded`), and
   XLA partitions the program to match."""
-  return jax.jit(fn, **kwargs)
+  return jax.jit(_traced_as(fn, mesh_devices=_LAYOUT.mesh.size), **kwargs)
+
+
+# While jax traces a step: 0 when it sees one device's rows (pmap), else the number of
+# devices of the mesh whose global batch it sees. Set by the wrappers above, so a
+# function pmapped on given devices inside a mesh-mode stage (the rankings' sampler)
+# still reduces over them.
+_TRACING_MESH = 0
+
+
+def _traced_as(fn: Callable, *, mesh_devices: int = 0) -> Callable:
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    global _TRACING_MESH
+    previous, _TRACING_MESH = _TRACING_MESH, mesh_devices
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _TRACING_MESH = previous
+  return traced
 
 
 def _leading_axis_sharding(devices: Sequence[Any] | None):
@@ -315,14 +335,23 @@ def unshard(tree: Any) -> Any:
   return jax.tree_util.tree_map(rows, tree)
 
 
-def device_put_sharded(tree: Any, devices: Sequence[Any] | None = None) -> Any:
+def device_put_sharded(tree: Any, devices: Sequence[Any] | None = None,
+                       row_axis: int = 0) -> Any:
   """Places an already-sharded host batch [local_devices, ...] on the devices; in mesh
-  mode, as the process's rows of one global batch split over every mesh axis."""
+  mode, as the process's rows of one global batch split over every mesh axis.
+
+  `row_axis`: where a device's rows sit in what the step sees, for stacked batches:
+  host [local_devices, updates, per_device, ...] with row_axis=1 becomes the mesh's
+  [updates, global rows, ...]."""
   if _LAYOUT.is_mesh and devices is None:
-    sharding = batch_sharding()
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(
-            sharding, np.asarray(x).reshape((-1,) + np.shape(x)[2:])), tree)
+    spec = jax.sharding.PartitionSpec(*([None] * row_axis), MESH_AXES)
+    sharding = jax.sharding.NamedSharding(_LAYOUT.mesh, spec)
+
+    def put(x):
+      x = np.moveaxis(np.asarray(x), 0, row_axis)  # [..., local_devices, per_device, ...]
+      shape = x.shape[:row_axis] + (-1,) + x.shape[row_axis + 2:]
+      return jax.make_array_from_process_local_data(sharding, x.reshape(shape))
+    return jax.tree_util.tree_map(put, tree)
   sharding, _ = _leading_axis_sharding(devices)
   return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
 
@@ -374,7 +403,7 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
 
 
 def psum(tree: Any) -> Any:
-  if _LAYOUT.is_mesh:
+  if _TRACING_MESH:
     return tree
   if _FIXED_ORDER:
     return jax.tree_util.tree_map(_ordered_sum, tree)
@@ -382,7 +411,7 @@ def psum(tree: Any) -> Any:
 
 
 def pmean(tree: Any) -> Any:
-  if _LAYOUT.is_mesh:
+  if _TRACING_MESH:
     return tree
   if _FIXED_ORDER:
     count = jax.lax.psum(1, axis_name=BATCH_AXIS)  # the device count: exact in any order
@@ -391,18 +420,55 @@ def pmean(tree: Any) -> Any:
 
 
 def pmax(tree: Any) -> Any:
-  if _LAYOUT.is_mesh:
+  if _TRACING_MESH:
     return tree
   return jax.lax.pmax(tree, axis_name=BATCH_AXIS)
 
 
 def device_rng(rng: jax.Array) -> jax.Array:
   """Inside a step: a key that differs per device (same on every step); in mesh mode,
-  where the step sees every row, the key itself (draws then differ from pmap's, with
-  the same distribution)."""
-  if _LAYOUT.is_mesh:
+  where the step sees every row, the key itself (dropout masks then differ from pmap's,
+  with the same distribution). Draws that must equal pmap's go through `per_device`."""
+  if _TRACING_MESH:
     return rng
   return jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXIS))
+
+
+def _device_keys(key: jax.Array, n: int) -> jax.Array:
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def per_device(fn: Callable, key: jax.Array, *rows: Any) -> Any:
+  """Inside a step: `fn(device key, *rows)` on each device's rows, with the key pmap
+  gives that device (fold_in(key, device index)); every output has a leading row axis.
+
+  pmap: one call on the device's rows. Mesh: vmapped over the devices' shares of the
+  global rows, in device order, so samples drawn this way equal pmap's.
+  """
+  if not _TRACING_MESH:
+    return fn(jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXIS)), *rows)
+  n = _TRACING_MESH
+  grouped = jax.tree_util.tree_map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]),
+                                   rows)
+  out = jax.vmap(fn)(_device_keys(key, n), *grouped)
+  return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+
+def shuffled_slice(key: jax.Array, num_rows: int, num_slices: int, index) -> jax.Array:
+  """Inside a step: indices of slice `index` (of `num_slices`) of each device's rows
+  shuffled by its key (fold_in(key, device index)). pmap: of the device's `num_rows`;
+  mesh: of each device's share of the `num_rows` global rows, joined in device order,
+  which are the rows pmap's devices take together."""
+  def local(device_key, n_rows):
+    size = n_rows // num_slices
+    order = jax.random.permutation(device_key, n_rows)
+    return jax.lax.dynamic_slice_in_dim(order, index * size, size)
+  if not _TRACING_MESH:
+    return local(jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXIS)), num_rows)
+  n = _TRACING_MESH
+  share = num_rows // n
+  rows = jax.vmap(lambda k: local(k, share))(_device_keys(key, n))  # [devices, size]
+  return (rows + (jnp.arange(n) * share)[:, None]).reshape(-1)
 
 
 def masked_mean(total: jax.Array, count: jax.Array) -> jax.Array:

@@ -65,7 +65,8 @@ class Sampler:
         pad_token_id=self.encoder.pad_id)
 
     def _sample(params, prompt_ids, prompt_mask, rng):
-      out = fn(params, prompt_ids, prompt_mask, parallel.device_rng(rng))
+      out = parallel.per_device(lambda key, ids, mask: fn(params, ids, mask, key), rng,
+                                prompt_ids, prompt_mask)
       return out.response_ids, out.response_mask, out.stopped
 
     self._num_devices = len(devices) if devices else None

@@ -166,6 +166,7 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every configured benchmark on every checkpoint; writes the tables to workdir."""
   checkpoints = _check_config(config)
+  parallel.configure(config.get("parallel"))
   toxicity_scorer = None
   if config.toxicity.file:
     scorer_kwargs = {}

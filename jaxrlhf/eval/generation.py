@@ -35,11 +35,12 @@ class Generation:
 
 def sample_responses(params, prompt_ids, prompt_mask, rng, *, model, generation: Generation):
   """(response_ids, response_mask, stopped), cut after the first stop token."""
-  out = sampling.sample(
-      model, params, prompt_ids, prompt_mask, parallel.device_rng(rng),
+  out = parallel.per_device(lambda key, ids, mask: sampling.sample(
+      model, params, ids, mask, key,
       max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
       top_k=generation.top_k, top_p=generation.top_p, greedy=generation.greedy,
-      stop_token_id=generation.stop_token_id, pad_token_id=generation.pad_token_id)
+      stop_token_id=generation.stop_token_id, pad_token_id=generation.pad_token_id),
+      rng, prompt_ids, prompt_mask)
   return scoring.truncate_after_stop(out.response_ids, generation.stop_token_id,
                                      generation.pad_token_id)
 

@@ -97,6 +97,7 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   policies = check_config(config)
+  parallel.configure(config.get("parallel"))
   baseline_path = policies[config.baseline]
   tokenizer = models.load_tokenizer(config.tokenizer or baseline_path)
   encoder = tokenize_lib.Encoder(tokenizer)

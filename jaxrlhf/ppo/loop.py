@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import config_lib
+from jaxrlhf import parallel
 from jaxrlhf import train_lib
 from jaxrlhf.ppo import state as ppo_state
 
@@ -89,8 +90,8 @@ def iteration_batches(prompt_iter: Iterator[dict], ptx_iter: Iterator[dict] | No
     prompts = train_lib.put_batch(device_prompts(next(prompt_iter)))
     ptx = None
     if ptx_iter is not None:
-      ptx = train_lib.put_batch(stack_ptx_batches(
-          [next(ptx_iter) for _ in range(updates_per_iteration)]))
+      ptx = parallel.device_put_sharded(stack_ptx_batches(
+          [next(ptx_iter) for _ in range(updates_per_iteration)]), row_axis=1)
     return (prompts, ptx), 0.0
   return next_batch
 

@@ -131,6 +131,15 @@ def score_responses(state: ppo_state.PPOState, prompt_ids, prompt_mask, response
   return rollout, metrics
 
 
+def _sample(policy_model, params, key, prompt_ids, prompt_mask, *,
+            settings: ppo_state.PPOSettings, greedy: bool) -> sampling.SampleOutput:
+  return sampling.sample(
+      policy_model, params, prompt_ids, prompt_mask, key,
+      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+      top_k=settings.top_k, top_p=settings.top_p, stop_token_id=settings.stop_token_id,
+      pad_token_id=settings.pad_token_id, greedy=greedy)
+
+
 def rollout(state: ppo_state.PPOState, prompt_ids, prompt_mask, *, policy_model,
             settings: ppo_state.PPOSettings):
   """Samples one response per prompt with the current policy and scores it (in the pmap).
@@ -138,12 +147,9 @@ def rollout(state: ppo_state.PPOState, prompt_ids, prompt_mask, *, policy_model,
   The key is fold_in(base, iteration) then the device index, so a resumed run samples
   exactly what an uninterrupted one would.
   """
-  key = parallel.device_rng(ppo_state.iteration_key(state, ppo_state.SAMPLE_SALT))
-  out = sampling.sample(
-      policy_model, state.policy.params, prompt_ids, prompt_mask, key,
-      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-      top_k=settings.top_k, top_p=settings.top_p, stop_token_id=settings.stop_token_id,
-      pad_token_id=settings.pad_token_id)
+  out = parallel.per_device(functools.partial(
+      _sample, policy_model, state.policy.params, settings=settings, greedy=False),
+      ppo_state.iteration_key(state, ppo_state.SAMPLE_SALT), prompt_ids, prompt_mask)
   return score_responses(state, prompt_ids, prompt_mask, out.response_ids, out.logprobs,
                          settings=settings)
 
@@ -171,12 +177,10 @@ def evaluate_step(params, state: ppo_state.PPOState, prompts: dict, *, policy_mo
   valid = (jnp.sum(prompt_mask, axis=-1) > 0).astype(jnp.float32)
   if "valid" in prompts:
     valid = valid * prompts["valid"].astype(jnp.float32)
-  key = parallel.device_rng(jax.random.fold_in(ppo_state.base_key(state), ppo_state.EVAL_SALT))
-  out = sampling.sample(
-      policy_model, params, prompt_ids, prompt_mask, key,
-      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-      top_k=settings.top_k, top_p=settings.top_p, stop_token_id=settings.stop_token_id,
-      pad_token_id=settings.pad_token_id, greedy=greedy)
+  out = parallel.per_device(
+      functools.partial(_sample, policy_model, params, settings=settings, greedy=greedy),
+      jax.random.fold_in(ppo_state.base_key(state), ppo_state.EVAL_SALT),
+      prompt_ids, prompt_mask)
   response_ids, response_mask, stopped = scoring.truncate_after_stop(
       out.response_ids, settings.stop_token_id, settings.pad_token_id)
   sequences, attention_mask = scoring.join_prompt_response(prompt_ids, prompt_mask, response_ids,

@@ -98,14 +98,10 @@ def select_minibatch(state: ppo_state.PPOState, batch: ppo_state.Rollout, update
   Epoch e shuffles the device's rollout with fold_in(iteration key, e) and the device
   index; update i takes slice i % num_minibatches of epoch i // num_minibatches.
   """
-  batch_size = batch.scores.shape[0]
-  minibatch_size = batch_size // num_minibatches
   epoch = update_index // num_minibatches
-  key = parallel.device_rng(jax.random.fold_in(
-      ppo_state.iteration_key(state, ppo_state.SHUFFLE_SALT), epoch))
-  order = jax.random.permutation(key, batch_size)
-  rows = jax.lax.dynamic_slice_in_dim(order, (update_index % num_minibatches) *
-                                      minibatch_size, minibatch_size)
+  key = jax.random.fold_in(ppo_state.iteration_key(state, ppo_state.SHUFFLE_SALT), epoch)
+  rows = parallel.shuffled_slice(key, batch.scores.shape[0], num_minibatches,
+                                 update_index % num_minibatches)
   return jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
 
 
