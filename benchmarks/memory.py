@@ -1,13 +1,17 @@
 """Per-device memory of each stage's compiled step, from abstract shapes: nothing is
 allocated, so a 7B model's figures come from a laptop.
 
-Each step is lowered exactly as the stages pmap it (`parallel.pmap_step`) over one device,
-with every input a `jax.ShapeDtypeStruct`, compiled, and read back through
-`memory_analysis()`: arguments (the replicated state and the batch), outputs, temporaries
-and the generated code. Under pmap every device holds the whole state, so the figures
-are per device whatever the device count; only the per-device batch matters.
+Each step is lowered exactly as the stages build it (`parallel.pmap_step`), with every
+input a `jax.ShapeDtypeStruct`, compiled, and read back through `memory_analysis()`:
+arguments (the state and the batch), outputs, temporaries and the generated code, per
+device. Under pmap (`config.mode`) every device holds the whole state, so the figures
+are per device whatever the device count and one device is compiled for. In mesh mode
+the step is partitioned over `config.mesh` (the state split over fsdp, the batch over
+every axis), which needs that many devices; on a CPU host, force them:
 
     python -m experiments.memory_report --config=configs/memory.py --workdir=/tmp/mem
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m experiments.memory_report --config=configs/memory.py:mesh
 """
 
 from __future__ import annotations
@@ -55,6 +59,44 @@ def _per_device(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype), tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """How abstract inputs are laid out: pmap on one device, or a mesh `layout`."""
+  layout: parallel.Layout
+
+  @property
+  def devices(self) -> int:
+    return self.layout.mesh.size if self.layout.is_mesh else 1
+
+  def state(self, tree):
+    if not self.layout.is_mesh:
+      return _per_device(tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=parallel.param_sharding(x.shape, self.layout)), tree)
+
+  def rows(self, tree, row_axis: int = 0):
+    """A batch built with one device's rows: pmap's, or the mesh's global batch."""
+    if not self.layout.is_mesh:
+      return _per_device(tree)
+    sharding = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec(
+        *([None] * row_axis), parallel.MESH_AXES))
+
+    def grow(x):
+      shape = list(x.shape)
+      shape[row_axis] *= self.devices
+      return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=sharding)
+    return jax.tree.map(grow, tree)
+
+  def step(self, fn):
+    if not self.layout.is_mesh:
+      return parallel.pmap_step(fn, devices=jax.local_devices()[:1])
+    with parallel.using(self.layout):
+      return parallel.pmap_step(fn)
+
+
+PMAP = Placement(parallel.Layout())
+
+
 def _tokens(*shape):
   return jax.ShapeDtypeStruct(shape, jnp.int32)
 
@@ -81,31 +123,30 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def sft_step(mcfg, tx, batch: int, seq_len: int) -> dict:
+def sft_step(mcfg, tx, batch: int, seq_len: int, place: Placement = PMAP) -> dict:
   model = models.CausalLM(mcfg)
   params = _abstract_params(model)
   state = jax.eval_shape(lambda p: train_lib.create_train_state(model.apply, p, tx, 0), params)
   data = {"input_ids": _tokens(batch, seq_len), "attention_mask": _tokens(batch, seq_len),
           "loss_mask": _tokens(batch, seq_len)}
-  step = parallel.pmap_step(functools.partial(sft.lm_train_step, dropout=False),
-                            devices=jax.local_devices()[:1])
-  return _analysis(*_compile(step, _per_device(state), _per_device(data)), _count(params))
+  step = place.step(functools.partial(sft.lm_train_step, dropout=False))
+  return _analysis(*_compile(step, place.state(state), place.rows(data)), _count(params))
 
 
-def rm_step(mcfg, tx, batch: int, k: int, seq_len: int) -> dict:
+def rm_step(mcfg, tx, batch: int, k: int, seq_len: int, place: Placement = PMAP) -> dict:
   model = models.ScalarHeadModel(mcfg)
   params = _abstract_params(model)
   state = jax.eval_shape(lambda p: train_lib.create_train_state(model.apply, p, tx, 0), params)
   data = {"input_ids": _tokens(batch, k, seq_len), "attention_mask": _tokens(batch, k, seq_len),
           "end_index": _tokens(batch, k), "response_valid": _tokens(batch, k),
           "pair_mask": jax.ShapeDtypeStruct((batch, k, k), jnp.float32)}
-  step = parallel.pmap_step(functools.partial(reward_model.rm_train_step, dropout=False),
-                            devices=jax.local_devices()[:1])
-  return _analysis(*_compile(step, _per_device(state), _per_device(data)), _count(params))
+  step = place.step(functools.partial(reward_model.rm_train_step, dropout=False))
+  return _analysis(*_compile(step, place.state(state), place.rows(data)), _count(params))
 
 
 def ppo_iteration(mcfg, tx, *, batch: int, minibatch: int, prompt_len: int,
-                  new_tokens: int, ptx_batch: int, ptx_seq_len: int) -> dict:
+                  new_tokens: int, ptx_batch: int, ptx_seq_len: int,
+                  place: Placement = PMAP) -> dict:
   """One PPO-ptx iteration (sampling, scoring, updates, KL controller) per device: policy,
   value, frozen reference and reward model, two optimizer states and the EMA."""
   policy, value = models.CausalLM(mcfg), models.ScalarHeadModel(mcfg)
@@ -124,19 +165,19 @@ def ppo_iteration(mcfg, tx, *, batch: int, minibatch: int, prompt_len: int,
   state = jax.eval_shape(make_state, sft_params, rm_params)
   settings = ppo.PPOSettings(
       max_new_tokens=new_tokens, stop_token_id=mcfg.vocab_size - 1, pad_token_id=0,
-      num_epochs=1, num_minibatches=batch // minibatch, episodes_per_iteration=batch,
+      num_epochs=1, num_minibatches=batch // minibatch,
+      episodes_per_iteration=batch * place.devices,
       ptx_coef=1.0)
   prompts = {"prompt_ids": _tokens(batch, prompt_len), "prompt_mask": _tokens(batch, prompt_len)}
   updates = settings.updates_per_iteration
   ptx = {"input_ids": _tokens(updates, ptx_batch, ptx_seq_len),
          "attention_mask": _tokens(updates, ptx_batch, ptx_seq_len),
          "loss_mask": _tokens(updates, ptx_batch, ptx_seq_len)}
-  step = parallel.pmap_step(functools.partial(ppo.train_iteration, policy_model=policy,
-                                              settings=settings),
-                            devices=jax.local_devices()[:1])
+  step = place.step(functools.partial(ppo.train_iteration, policy_model=policy,
+                                      settings=settings))
   params = _count(sft_params) * 3 + _count(rm_params) * 2  # policy, ref, EMA; value, RM
-  return _analysis(*_compile(step, _per_device(state), _per_device(prompts),
-                             _per_device(ptx)), params)
+  return _analysis(*_compile(step, place.state(state), place.rows(prompts),
+                             place.rows(ptx, row_axis=1)), params)
 
 
 def report(config: ml_collections.ConfigDict) -> dict:
@@ -144,8 +185,10 @@ def report(config: ml_collections.ConfigDict) -> dict:
   opt = optim.default_optimizer_config()
   opt.name = "adamw"
   tx, _ = optim.make_optimizer(opt)
-  out = {"mode": "pmap", "devices_per_figure": 1, "settings": config.to_dict(),
-         "models": {}}
+  layout = parallel.make_layout(config.mode, config.mesh, field="config")
+  place = Placement(layout)
+  out = {"mode": config.mode, "layout": layout.describe(), "devices": place.devices,
+         "settings": config.to_dict(), "models": {}}
   for name in config.models:
     mcfg = model_config(config_lib.model_preset(name) if name in _PRESETS
                         else config.shapes[name], config.dtype, config.param_dtype)
@@ -153,14 +196,14 @@ def report(config: ml_collections.ConfigDict) -> dict:
     entry = {"shape": {k: (str(v) if k in ("dtype", "param_dtype") else v)
                        for k, v in dataclasses.asdict(mcfg).items()}}
     if "sft" in config.stages:
-      entry["sft"] = sft_step(mcfg, tx, config.batch, config.seq_len)
+      entry["sft"] = sft_step(mcfg, tx, config.batch, config.seq_len, place)
     if "rm" in config.stages:
-      entry["rm"] = rm_step(mcfg, tx, config.rm_batch, config.rm_k, config.rm_seq_len)
+      entry["rm"] = rm_step(mcfg, tx, config.rm_batch, config.rm_k, config.rm_seq_len, place)
     if "ppo_ptx" in config.stages:
       entry["ppo_ptx"] = ppo_iteration(
           mcfg, tx, batch=config.ppo_batch, minibatch=config.ppo_minibatch,
           prompt_len=config.prompt_len, new_tokens=config.new_tokens,
-          ptx_batch=config.ptx_batch, ptx_seq_len=config.seq_len)
+          ptx_batch=config.ptx_batch, ptx_seq_len=config.seq_len, place=place)
     out["models"][name] = entry
     print(json.dumps({name: {s: entry[s]["peak_gib"] for s in config.stages if s in entry}}),
           flush=True)
@@ -171,7 +214,8 @@ _PRESETS = ("gpt2", "llama_small", "world", "test")
 
 
 def table(result: dict) -> str:
-  lines = ["| model | parameters | stage | arguments | temporaries | peak (GiB) | compile |",
+  lines = [f"Per device, {result['layout']}.", "",
+           "| model | parameters | stage | arguments | temporaries | peak (GiB) | compile |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for name, entry in result["models"].items():
     for stage in ("sft", "rm", "ppo_ptx"):

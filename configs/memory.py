@@ -48,6 +48,11 @@ def get_config(arg=None):
   config.models = ("gpt2", "gpt3_xl_1_3b", "llama_3_2_1b", "qwen2_5_1_5b")
   config.shapes = _shapes()
   config.stages = ("sft", "rm", "ppo_ptx")
+  # 'pmap' (every device holds the whole state: one device is compiled for) or 'mesh'
+  # over config.mesh (as config.parallel.mesh; needs that many devices, e.g. forced CPU
+  # ones: XLA_FLAGS=--xla_force_host_platform_device_count=8).
+  config.mode = "pmap"
+  config.mesh = "fsdp=-1"
   config.dtype = "bfloat16"  # Compute dtype.
   config.param_dtype = "float32"  # Master parameters and optimizer states.
   config.remat = "none"  # config.model.remat of the stages.
@@ -66,10 +71,21 @@ def get_config(arg=None):
   config.ptx_batch = 1
   if variant == "7b":
     config.models = ("llama_2_7b",)
+  elif variant == "mesh":  # the default models, fsdp over 8 devices
+    config.mode, config.mesh = "mesh", "fsdp=8"
+  elif variant == "7b_mesh":  # 7B, fsdp over 64 devices
+    config.models = ("llama_2_7b",)
+    config.mode, config.mesh = "mesh", "fsdp=64"
+  elif variant == "tiny_mesh":
+    config.models = ("tiny",)
+    config.dtype = "float32"
+    config.seq_len, config.rm_seq_len, config.prompt_len, config.new_tokens = 32, 16, 8, 4
+    config.mode, config.mesh = "mesh", "fsdp=-1"
   elif variant == "tiny":
     config.models = ("tiny",)
     config.dtype = "float32"
     config.seq_len, config.rm_seq_len, config.prompt_len, config.new_tokens = 32, 16, 8, 4
   elif variant != "default":
-    raise ValueError(f"configs/memory.py: unknown variant {variant!r}; use default, 7b or tiny")
+    raise ValueError(f"configs/memory.py: unknown variant {variant!r}; use default, 7b, "
+                     "tiny, mesh, 7b_mesh or tiny_mesh")
   return config
