@@ -235,25 +235,39 @@ def pmap_fn(fn: Callable, **kwargs) -> Callable:
 def _mesh_jit(fn: Callable, **kwargs) -> Callable:
   """jit: the arguments carry their shardings (`replicate`, `device_put_sharded`), and
   XLA partitions the program to match."""
-  return jax.jit(_traced_as(fn, mesh_devices=_LAYOUT.mesh.size), **kwargs)
+  return jax.jit(_traced_as(fn, mesh_layout=_LAYOUT), **kwargs)
 
 
-# While jax traces a step: 0 when it sees one device's rows (pmap), else the number of
-# devices of the mesh whose global batch it sees. Set by the wrappers above, so a
-# function pmapped on given devices inside a mesh-mode stage (the rankings' sampler)
-# still reduces over them.
-_TRACING_MESH = 0
+# While jax traces a step: None when it sees one device's rows (pmap), else the mesh
+# layout whose global batch it sees. Set by the mesh wrapper only, so a function pmapped
+# on given devices inside a mesh-mode stage (the rankings' sampler) still reduces over
+# them.
+_TRACING_MESH: Layout | None = None
 
 
-def _traced_as(fn: Callable, *, mesh_devices: int = 0) -> Callable:
-  @functools.wraps(fn)
+def _traced_as(fn: Callable, *, mesh_layout: Layout | None = None) -> Callable:
+  """`fn` traced with `_TRACING_MESH` set to `mesh_layout`.
+
+  Outside a mesh trace the flag is already None, so a pmapped function is `fn` itself.
+  A mesh wrapper is made once per function and mesh and kept on the function: jax
+  caches one trace per function object, and a new wrapper on each `pmap_fn` call would
+  trace (and lower) the function again on every call.
+  """
+  if mesh_layout is None:
+    return fn
+  cache = getattr(fn, "__dict__", {}).setdefault("_jaxrlhf_mesh_traced", {})
+  if mesh_layout.mesh in cache:
+    return cache[mesh_layout.mesh]
+
+  @functools.wraps(fn, updated=())
   def traced(*args, **kwargs):
     global _TRACING_MESH
-    previous, _TRACING_MESH = _TRACING_MESH, mesh_devices
+    previous, _TRACING_MESH = _TRACING_MESH, mesh_layout
     try:
       return fn(*args, **kwargs)
     finally:
       _TRACING_MESH = previous
+  cache[mesh_layout.mesh] = traced
   return traced
 
 
@@ -403,7 +417,7 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
 
 
 def psum(tree: Any) -> Any:
-  if _TRACING_MESH:
+  if _TRACING_MESH is not None:
     return tree
   if _FIXED_ORDER:
     return jax.tree_util.tree_map(_ordered_sum, tree)
@@ -411,7 +425,7 @@ def psum(tree: Any) -> Any:
 
 
 def pmean(tree: Any) -> Any:
-  if _TRACING_MESH:
+  if _TRACING_MESH is not None:
     return tree
   if _FIXED_ORDER:
     count = jax.lax.psum(1, axis_name=BATCH_AXIS)  # the device count: exact in any order
@@ -420,7 +434,7 @@ def pmean(tree: Any) -> Any:
 
 
 def pmax(tree: Any) -> Any:
-  if _TRACING_MESH:
+  if _TRACING_MESH is not None:
     return tree
   return jax.lax.pmax(tree, axis_name=BATCH_AXIS)
 
@@ -429,7 +443,7 @@ def device_rng(rng: jax.Array) -> jax.Array:
   """Inside a step: a key that differs per device (same on every step); in mesh mode,
   where the step sees every row, the key itself (dropout masks then differ from pmap's,
   with the same distribution). Draws that must equal pmap's go through `per_device`."""
-  if _TRACING_MESH:
+  if _TRACING_MESH is not None:
     return rng
   return jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXIS))
 
@@ -445,9 +459,9 @@ def per_device(fn: Callable, key: jax.Array, *rows: Any) -> Any:
   pmap: one call on the device's rows. Mesh: vmapped over the devices' shares of the
   global rows, in device order, so samples drawn this way equal pmap's.
   """
-  if not _TRACING_MESH:
+  if _TRACING_MESH is None:
     return fn(jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXIS)), *rows)
-  n = _TRACING_MESH
+  n = _TRACING_MESH.mesh.size
   grouped = jax.tree_util.tree_map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]),
                                    rows)
   out = jax.vmap(fn)(_device_keys(key, n), *grouped)
@@ -463,9 +477,9 @@ def shuffled_slice(key: jax.Array, num_rows: int, num_slices: int, index) -> jax
     size = n_rows // num_slices
     order = jax.random.permutation(device_key, n_rows)
     return jax.lax.dynamic_slice_in_dim(order, index * size, size)
-  if not _TRACING_MESH:
+  if _TRACING_MESH is None:
     return local(jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXIS)), num_rows)
-  n = _TRACING_MESH
+  n = _TRACING_MESH.mesh.size
   share = num_rows // n
   rows = jax.vmap(lambda k: local(k, share))(_device_keys(key, n))  # [devices, size]
   return (rows + (jnp.arange(n) * share)[:, None]).reshape(-1)

@@ -47,3 +47,22 @@ def test_a_fixed_order_step_is_traced_anew_and_the_setting_is_restored():
   parallel.pmap_fn(total)(batch)
   assert traces == [False, True]  # the third call reuses the first trace
   assert not parallel._FIXED_ORDER  # pylint: disable=protected-access
+
+
+def test_a_mesh_function_is_traced_once_however_often_it_is_wrapped():
+  # A new mesh wrapper per pmap_fn call made jax trace and lower the function again on
+  # every call (an evaluation loop re-wrapping its scorer retraced it each time).
+  traces = []
+
+  def total(x):
+    traces.append(parallel._TRACING_MESH)  # pylint: disable=protected-access
+    return parallel.psum(x).sum()
+
+  lay = parallel.make_layout("mesh", "")
+  with parallel.using(lay):
+    batch = parallel.device_put_sharded(_values(parallel.local_device_count()))
+    first = parallel.fetch(parallel.pmap_fn(total)(batch))
+    second = parallel.fetch(parallel.pmap_fn(total)(batch))
+  assert traces == [lay]
+  np.testing.assert_array_equal(first, second)
+  assert parallel._TRACING_MESH is None  # pylint: disable=protected-access
