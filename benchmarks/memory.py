@@ -192,7 +192,8 @@ def report(config: ml_collections.ConfigDict) -> dict:
   for name in config.models:
     mcfg = model_config(config_lib.model_preset(name) if name in _PRESETS
                         else config.shapes[name], config.dtype, config.param_dtype)
-    mcfg = mcfg.replace(remat=config.remat, logits_chunk=config.logits_chunk)
+    mcfg = mcfg.replace(remat=config.remat, logits_chunk=config.logits_chunk,
+                        scan_layers=config.get("scan_layers", False))
     entry = {"shape": {k: (str(v) if k in ("dtype", "param_dtype") else v)
                        for k, v in dataclasses.asdict(mcfg).items()}}
     if "sft" in config.stages:

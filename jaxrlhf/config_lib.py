@@ -50,6 +50,10 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
   # Positions per chunk when log-probabilities are taken without the full [batch, T,
   # vocab] logits (for large vocabularies); 0 = the full logits. Run-time, like remat.
   cfg.logits_chunk = 0
+  # The decoder layers as one scanned layer (params stacked on a layer axis): compile
+  # time independent of depth, and under fsdp one layer's weights gathered at a time.
+  # Run-time, like remat: Hugging Face exports hold the layers one by one.
+  cfg.scan_layers = False
   return cfg
 
 

@@ -83,13 +83,17 @@ def load_or_init(kind: str, tokenizer, *, seq_len: int, init_from: str = "",
           "Face directory, e.g. a previous stage's <workdir>/hf).")
     lm_or_scalar, params = models.from_pretrained(
         str(path), dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype))
-    # Run-time choices (remat, logits_chunk): the model section gives them for checkpoints too.
+    # Run-time choices (remat, logits_chunk, scan_layers): the model section gives them
+    # for checkpoints too.
     run_time = {name: (model or {}).get(name, default)
-                for name, default in (("remat", "none"), ("logits_chunk", 0))}
+                for name, default in (("remat", "none"), ("logits_chunk", 0),
+                                      ("scan_layers", False))}
     try:
       model_config = lm_or_scalar.config.replace(dropout_rate=dropout, **run_time)
     except ValueError as e:
       raise config_lib.ConfigError(f"config.model: {e}") from None
+    if model_config.scan_layers and not lm_or_scalar.config.scan_layers:
+      params = models.stack_layers(params, model_config.num_layers)
     check_vocabulary(tokenizer, model_config.vocab_size, f"{field}={init_from!r}")
     if kind == "lm":
       if not isinstance(lm_or_scalar, models.CausalLM):

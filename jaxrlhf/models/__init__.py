@@ -7,4 +7,4 @@ from jaxrlhf.models.hf import (
     save_pretrained)
 from jaxrlhf.models.transformer import (
     CausalLM, KVCache, ScalarHeadModel, Transformer, init_cache, init_params,
-    position_ids_from_mask)
+    position_ids_from_mask, stack_layers, unstack_layers)

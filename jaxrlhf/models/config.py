@@ -50,9 +50,17 @@ class TransformerConfig:
   # made again, so the [batch, T, vocab] float32 array never exists; 0: the full logits.
   # A run-time choice, like remat.
   logits_chunk: int = 0
+  # The decoder layers as one layer scanned num_layers times (params stacked on a leading
+  # layer axis): one layer compiled instead of num_layers, and under fsdp one layer's
+  # weights gathered at a time. A run-time choice: Hugging Face checkpoints hold the
+  # layers one by one whichever (models/hf.py stacks and unstacks them).
+  scan_layers: bool = False
 
   def __post_init__(self):
     spec = architectures.get_arch(self.arch)
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"TransformerConfig: scan_layers must be True or False, got "
+                       f"{self.scan_layers!r}")
     if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
       raise ValueError(f"TransformerConfig: logits_chunk must be an integer >= 0, got "
                        f"{self.logits_chunk!r}")

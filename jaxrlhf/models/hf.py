@@ -30,7 +30,8 @@ import safetensors.numpy
 from jaxrlhf.models import architectures
 from jaxrlhf.models.architectures import CONV1D, LINEAR, SAME
 from jaxrlhf.models.config import TransformerConfig
-from jaxrlhf.models.transformer import CausalLM, ScalarHeadModel
+from jaxrlhf.models.transformer import (CausalLM, ScalarHeadModel, stack_layers,
+                                        unstack_layers)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -178,7 +179,7 @@ def config_to_hf(config: TransformerConfig, score_head: bool = False,
   for field in dataclasses.fields(TransformerConfig):
     name = field.name
     if name in ("dtype", "param_dtype", "dropout_rate", "attention_dropout_rate", "remat",
-                "logits_chunk"):
+                "logits_chunk", "scan_layers"):
       continue
     if name == "rope_theta" and spec.positions != "rope":
       continue
@@ -346,7 +347,8 @@ def from_pretrained(path: str, dtype=jnp.float32, param_dtype=jnp.float32, **ove
     raise CheckpointError(f"{source}: a score head needs exactly one label (field 'num_labels')")
   model = ScalarHeadModel(config) if score_head else CausalLM(config)
 
-  shapes = _abstract_params(model)
+  # The table names the layers one by one; a scanned model gets them stacked at the end.
+  shapes = _abstract_params(type(model)(config.replace(scan_layers=False)))
   rows = _tensor_rows(config, shapes)
   expected = {row.hf_name: row for row in rows}
   tensors = {}
@@ -397,6 +399,8 @@ def from_pretrained(path: str, dtype=jnp.float32, param_dtype=jnp.float32, **ove
     for p, part in zip(row.paths, np.split(array, splits, axis=-1)):
       flat[p] = np.ascontiguousarray(part).astype(param_dtype)
   params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  if config.scan_layers:
+    params = stack_layers(params, config.num_layers)
   return model, params
 
 
@@ -409,7 +413,16 @@ def save_pretrained(model, params, path: str) -> None:
   path = os.fspath(path)
   config = model.config
   score_head = isinstance(model, ScalarHeadModel)
-  flat = _flatten(jax.device_get(params))
+  params = jax.device_get(params)
+  if config.scan_layers:  # the checkpoint holds the layers one by one
+    if "layers" not in params.get("transformer", {}):
+      raise CheckpointError("save_pretrained: the model scans its layers "
+                            "(config.scan_layers) but params['transformer'] has no stacked "
+                            "'layers' subtree")
+    params = unstack_layers(params, config.num_layers)
+    config = config.replace(scan_layers=False)
+    model = type(model)(config)
+  flat = _flatten(params)
   expected_shapes = _abstract_params(model)
   missing = sorted(set(expected_shapes) - set(flat))
   extra = sorted(set(flat) - set(expected_shapes))

@@ -11,6 +11,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf import losses
 from jaxrlhf.models.config import TransformerConfig
@@ -37,8 +38,10 @@ class KVCache:
   """
   # Heads before slots, so each decode step's attention reads the buffers as they lie
   # (slots last-but-one) instead of transposing the whole cache in every layer.
-  keys: tuple[jax.Array, ...]    # per layer [batch, kv_heads, max_len, head_dim]
-  values: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
+  # Per layer [batch, kv_heads, max_len, head_dim]; with config.scan_layers one array
+  # [layers, batch, kv_heads, max_len, head_dim], which the scanned layer reads in turn.
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array
   mask: jax.Array                # [batch, max_len] bool: slot holds a real (unpadded) token
   lengths: jax.Array             # [batch] int32: real tokens so far = next position id
   index: jax.Array               # [] int32: next slot to write
@@ -52,10 +55,14 @@ def init_cache(model_or_config, batch_size: int, max_len: int) -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + response)."""
   config = getattr(model_or_config, "config", model_or_config)
   shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-  zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+  if config.scan_layers:
+    keys = jnp.zeros((config.num_layers,) + shape, config.dtype)
+    values = jnp.zeros((config.num_layers,) + shape, config.dtype)
+  else:
+    keys = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+    values = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
   return KVCache(
-      keys=zeros,
-      values=tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers)),
+      keys=keys, values=values,
       mask=jnp.zeros((batch_size, max_len), bool),
       lengths=jnp.zeros((batch_size,), jnp.int32),
       index=jnp.zeros((), jnp.int32))
@@ -212,6 +219,38 @@ def _layer_class(remat: str):
   return nn.remat(DecoderLayer, policy=policy, static_argnums=(4,), prevent_cse=True)
 
 
+def _scanned_layers(config: TransformerConfig):
+  """One DecoderLayer (rematerialised as config.remat says) scanned num_layers times:
+  x is the carry; positions, mask and `deterministic` reach every layer as they are;
+  the layer cache (keys, values, slot index per layer) and the params are split along
+  their leading layer axis, and so are dropout keys."""
+  return nn.scan(_layer_class(config.remat), variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                 length=config.num_layers)(config)
+
+
+def stack_layers(params, num_layers: int):
+  """Params with the trunk's layers one by one ("layers_0", ...) -> the scanned model's
+  (one "layers" subtree, each array stacked on a new leading layer axis)."""
+  def stack(trunk):
+    trunk = dict(trunk)
+    layers = [trunk.pop(f"layers_{i}") for i in range(num_layers)]
+    trunk["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array)
+                                   else np.stack(xs), *layers)
+    return trunk
+  return {**params, "transformer": stack(params["transformer"])}
+
+
+def unstack_layers(params, num_layers: int):
+  """The inverse of `stack_layers`."""
+  trunk = dict(params["transformer"])
+  stacked = trunk.pop("layers")
+  for i in range(num_layers):
+    trunk[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, "transformer": trunk}
+
+
 class Transformer(nn.Module):
   """The trunk shared by every head: embeddings, decoder layers, final norm."""
   config: TransformerConfig
@@ -224,7 +263,10 @@ class Transformer(nn.Module):
     self.embed = embed(config.vocab_size)
     if config.spec.positions == "learned":
       self.pos_embed = embed(config.max_position_embeddings)
-    self.layers = [_layer_class(config.remat)(config) for _ in range(config.num_layers)]
+    if config.scan_layers:
+      self.layers = _scanned_layers(config)
+    else:
+      self.layers = [_layer_class(config.remat)(config) for _ in range(config.num_layers)]
     self.final_norm = Norm(config)
     self.embed_dropout = nn.Dropout(config.dropout_rate)
 
@@ -258,7 +300,13 @@ class Transformer(nn.Module):
     x = self.embed_dropout(x, deterministic=deterministic)
 
     new_keys, new_values = [], []
-    for i, layer in enumerate(self.layers):
+    if self.config.scan_layers:
+      layer_cache = None if cache is None else (
+          cache.keys, cache.values, jnp.broadcast_to(cache.index, (self.config.num_layers,)))
+      x, new_layer_cache = self.layers(x, position_ids, mask, deterministic, layer_cache)
+      if cache is not None:
+        new_keys, new_values = new_layer_cache
+    for i, layer in enumerate([] if self.config.scan_layers else self.layers):
       layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
       x, new_layer_cache = layer(x, position_ids, mask, deterministic, layer_cache)
       if cache is not None:
@@ -269,7 +317,9 @@ class Transformer(nn.Module):
     new_cache = None
     if cache is not None:
       new_cache = KVCache(
-          keys=tuple(new_keys), values=tuple(new_values), mask=slot_mask,
+          keys=new_keys if self.config.scan_layers else tuple(new_keys),
+          values=new_values if self.config.scan_layers else tuple(new_values),
+          mask=slot_mask,
           lengths=cache.lengths + token_mask.sum(axis=1, dtype=jnp.int32),
           index=cache.index + time)
     return x, new_cache
