@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxrlhf.models import transformer as transformer_lib
+
 
 def _encode_data_state(data_state: Any) -> Any:
   if data_state is None:
@@ -36,6 +38,36 @@ def _decode_data_state(blob: Any) -> Any:
 
 
 CHECKSUMS_KEY = "checksums"
+
+
+def _is_scanned(node: Any) -> bool:
+  """A params-shaped dict (model params, an Adam moment, the EMA) whose trunk holds its
+  layers stacked (config.model.scan_layers)."""
+  trunk = node.get("transformer") if isinstance(node, dict) else None
+  return isinstance(trunk, dict) and "layers" in trunk
+
+
+def _layers_one_by_one(node: Any) -> Any:
+  count = jax.tree_util.tree_leaves(node["transformer"]["layers"])[0].shape[0]
+  return transformer_lib.unstack_layers(node, count)
+
+
+def canonical_layers(state: Any) -> tuple[Any, Any]:
+  """(the state with every scanned trunk's layers one by one, a function taking a tree
+  of that form back to the state's own). Checkpoints hold the first form, so a run may
+  resume with config.model.scan_layers changed, as with the device layout changed."""
+  nodes, treedef = jax.tree_util.tree_flatten(state, is_leaf=_is_scanned)
+  scanned = [_is_scanned(n) for n in nodes]
+  canonical = treedef.unflatten(
+      [_layers_one_by_one(n) if s else n for n, s in zip(nodes, scanned)])
+
+  def back(tree: Any) -> Any:
+    parts = treedef.flatten_up_to(tree)
+    return treedef.unflatten([
+        transformer_lib.stack_layers(part, jax.tree_util.tree_leaves(
+            node["transformer"]["layers"])[0].shape[0]) if s else part
+        for part, node, s in zip(parts, nodes, scanned)])
+  return canonical, back
 
 
 def checksums(state: Any) -> dict[str, str]:
@@ -79,7 +111,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, *, data_state: Any = None,
            extra: dict | None = None) -> None:
     """Saves an unreplicated host `state`; every process must call this."""
-    state = jax.device_get(state)
+    state, _ = canonical_layers(jax.device_get(state))
     extra = {**(extra or {}), CHECKSUMS_KEY: checksums(state)}
     self._manager.save(
         int(step),
@@ -102,6 +134,7 @@ class Checkpointer:
     template = jax.tree_util.tree_map(
         lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "shape") else x,
         jax.device_get(state_template))
+    template, own_layers = canonical_layers(template)
     errors = []
     for candidate in steps:
       try:
@@ -127,7 +160,8 @@ class Checkpointer:
               f"checkpoint(s); moved to {self.damaged_directory}.", flush=True)
       extra = dict(restored["extra"] or {})
       extra.pop(CHECKSUMS_KEY, None)
-      return (restored["state"], _decode_data_state(restored["data"]), extra, candidate)
+      return (own_layers(restored["state"]), _decode_data_state(restored["data"]), extra,
+              candidate)
     if errors:
       raise RuntimeError(
           f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))

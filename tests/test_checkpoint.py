@@ -116,3 +116,32 @@ def test_flipped_bytes_of_the_same_size_are_caught_by_the_checksums(tmp_path, ca
   assert "step 2" in out and "differ from the checksums" in out
   assert [p.name for p in (tmp_path / "ckpt.damaged").iterdir()] == ["2"]
   ckpt.close()
+
+
+def test_a_checkpoint_restores_with_the_layers_scanned_or_not(tmp_path):
+  # The file holds the layers one by one: a run may resume with scan_layers changed.
+  import jax
+  import optax
+  from jaxrlhf import models
+  from jaxrlhf import train_lib
+  config = models.TransformerConfig.tiny("llama", num_layers=2)
+  params = models.init_params(models.CausalLM(config), jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.1, params)  # Adam moments need a step to be nonzero
+  states = {}
+  for scan in (False, True):
+    model = models.CausalLM(config.replace(scan_layers=scan))
+    state = train_lib.create_train_state(
+        model.apply, models.stack_layers(params, 2) if scan else params, optax.adam(1e-3),
+        seed=0)
+    grads = jax.tree.map(lambda x: 0.5 * x, state.params)
+    states[scan] = jax.device_get(state.apply_gradients(grads=grads))
+  assert jax.tree_util.tree_structure(states[False]) != jax.tree_util.tree_structure(
+      states[True])
+  for saved, wanted in ((True, False), (False, True)):
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / f"from_{saved}", save_every=1)
+    ckpt.save(1, states[saved])
+    restored, _, _, _ = ckpt.restore(states[wanted])
+    ckpt.close()
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(
+        states[wanted])
+    jax.tree.map(np.testing.assert_array_equal, restored, states[wanted])
