@@ -146,17 +146,20 @@ def rm_step(mcfg, tx, batch: int, k: int, seq_len: int, place: Placement = PMAP)
 
 def ppo_iteration(mcfg, tx, *, batch: int, minibatch: int, prompt_len: int,
                   new_tokens: int, ptx_batch: int, ptx_seq_len: int,
-                  place: Placement = PMAP) -> dict:
+                  place: Placement = PMAP, frozen_dtype: Any = None) -> dict:
   """One PPO-ptx iteration (sampling, scoring, updates, KL controller) per device: policy,
   value, frozen reference and reward model, two optimizer states and the EMA."""
   policy, value = models.CausalLM(mcfg), models.ScalarHeadModel(mcfg)
   sft_params, rm_params = _abstract_params(policy), _abstract_params(value)
 
+  frozen = (lambda tree: tree) if frozen_dtype is None else (
+      lambda tree: jax.tree.map(lambda x: x.astype(frozen_dtype), tree))
+
   def make_state(sft_params, rm_params):
     return ppo_state.PPOState(
         policy=train_lib.create_train_state(policy.apply, sft_params, tx, 0),
         value=train_lib.create_train_state(value.apply, rm_params, tx, 0),
-        ref_params=sft_params, reward_params=rm_params,
+        ref_params=frozen(sft_params), reward_params=frozen(rm_params),
         reward_gain=jnp.ones((), jnp.float32), reward_bias=jnp.zeros((), jnp.float32),
         kl=losses.KLControllerState.create(0.02), ema_params=sft_params,
         iteration=jnp.zeros((), jnp.int32),
@@ -204,7 +207,9 @@ def report(config: ml_collections.ConfigDict) -> dict:
       entry["ppo_ptx"] = ppo_iteration(
           mcfg, tx, batch=config.ppo_batch, minibatch=config.ppo_minibatch,
           prompt_len=config.prompt_len, new_tokens=config.new_tokens,
-          ptx_batch=config.ptx_batch, ptx_seq_len=config.seq_len, place=place)
+          ptx_batch=config.ptx_batch, ptx_seq_len=config.seq_len, place=place,
+          frozen_dtype=(model_lib.dtype_from_name(config.frozen_dtype)
+                        if config.get("frozen_dtype") else None))
     out["models"][name] = entry
     print(json.dumps({name: {s: entry[s]["peak_gib"] for s in config.stages if s in entry}}),
           flush=True)

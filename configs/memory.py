@@ -58,6 +58,7 @@ def get_config(arg=None):
   config.remat = "none"  # config.model.remat of the stages.
   config.logits_chunk = 0  # config.model.logits_chunk of the stages.
   config.scan_layers = False  # config.model.scan_layers of the stages.
+  config.frozen_dtype = ""  # PPO's config.frozen_dtype ('' = param_dtype).
   # Per device: SFT/pretraining sequences and their length; RM prompts x K responses.
   config.batch = 1
   config.seq_len = 1024

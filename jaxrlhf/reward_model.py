@@ -24,10 +24,7 @@ from jaxrlhf import data as data_pkg
 from jaxrlhf import data_lib
 from jaxrlhf import evaluators
 from jaxrlhf import losses
-from jaxrlhf import metrics as metrics_lib
-from jaxrlhf import model_lib
 from jaxrlhf import models
-from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import scoring
 from jaxrlhf import stage_lib
@@ -117,21 +114,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = data_lib.ranking_data(config, tokenizer, workdir)
   num_steps = data_lib.num_train_steps(config, data.num_train_examples)
 
-  # --- Model and state ----------------------------------------------------------------
-  model, params = model_lib.stage_model("scalar", config, tokenizer, seq_len=data.seq_len)
-  tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
-  state = train_lib.create_train_state(model.apply, params, tx, config.seed)
-  metrics_lib.console(
-      f"reward_model: {train_lib.count_params(params)} parameters, {num_steps} steps of "
-      f"{config.batch_size} ranked prompts")
-  state = stage.resume(state, lambda data_state, _: data.train_iter.set_state(data_state))
+  # --- Model, state and steps --------------------------------------------------------
+  model, state, schedule, train_step_p = stage.one_model(
+      "scalar", seq_len=data.seq_len, num_steps=num_steps, train_iter=data.train_iter,
+      step_fn=rm_train_step, batches=f"{config.batch_size} ranked prompts")
   if (done := stage.finished_summary(num_steps)) is not None:
     return done
   writer = stage.writer
-
-  # --- Steps ----------------------------------------------------------------------------
-  train_step_p = parallel.pmap_step(
-      functools.partial(rm_train_step, dropout=config.get("dropout_rate", 0.0) > 0))
   eval_step_p = parallel.pmap_fn(functools.partial(rm_eval_step, apply_fn=model.apply))
 
   accuracy = evaluators.RankingAccuracy(eval_step_p, data.eval_batches)

@@ -17,9 +17,6 @@ import numpy as np
 
 from jaxrlhf import data_lib
 from jaxrlhf import evaluators
-from jaxrlhf import model_lib
-from jaxrlhf import metrics as metrics_lib
-from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
 from jaxrlhf import scoring
@@ -88,22 +85,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seq_len = data.seq_len
   num_steps = data_lib.num_train_steps(config, data.num_train_examples)
 
-  # --- Model and state ----------------------------------------------------------------
-  model, params = model_lib.stage_model("lm", config, tokenizer, seq_len=seq_len)
-  tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
-  state = train_lib.create_train_state(model.apply, params, tx, config.seed)
-  metrics_lib.console(
-      f"{config.stage}: {train_lib.count_params(params)} parameters, {num_steps} steps of "
-      f"{config.batch_size} sequences ({per_device} per device)")
-
-  state = stage.resume(state, lambda data_state, _: data.train_iter.set_state(data_state))
+  # --- Model, state and steps --------------------------------------------------------
+  model, state, schedule, train_step_p = stage.one_model(
+      "lm", seq_len=seq_len, num_steps=num_steps, train_iter=data.train_iter,
+      step_fn=lm_train_step,
+      batches=f"{config.batch_size} sequences ({per_device} per device)")
   if (done := stage.finished_summary(num_steps)) is not None:
     return done
   writer = stage.writer
-
-  # --- Steps ----------------------------------------------------------------------------
-  train_step_p = parallel.pmap_step(
-      functools.partial(lm_train_step, dropout=config.get("dropout_rate", 0.0) > 0))
   eval_step_p = parallel.pmap_fn(functools.partial(scoring.lm_eval_step, apply_fn=model.apply))
 
   prompts = data.sample_prompts[:config.get("num_sample_prompts", 0)]

@@ -17,6 +17,7 @@ run resumed from a checkpoint still reports it.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,7 +30,9 @@ from jaxrlhf import checkpoint as checkpoint_lib
 from jaxrlhf import config_lib
 from jaxrlhf import evaluators as evaluators_lib
 from jaxrlhf import metrics as metrics_lib
+from jaxrlhf import model_lib
 from jaxrlhf import models
+from jaxrlhf import optim
 from jaxrlhf import parallel
 from jaxrlhf import train_lib
 
@@ -102,6 +105,25 @@ class Stage:
     if self.start_step == 0:
       self.writer.write_config(self.config)
     return state
+
+  def one_model(self, kind: str, *, seq_len: int, num_steps: int, train_iter,
+                step_fn: Callable, batches: str):
+    """(model, state, schedule, pmapped train step) of a stage that trains one model
+    (pretraining, SFT, the reward model): `kind` 'lm' or 'scalar', from config.init_from
+    or config.model; config.optimizer over `num_steps`; the state resumed from the
+    workdir with `train_iter` moved to its position. `step_fn(state, batch, *, dropout)`
+    is wrapped with dropout on when config.dropout_rate is; `batches` says what a batch
+    holds, for the console."""
+    config = self.config
+    model, params = model_lib.stage_model(kind, config, self.tokenizer, seq_len=seq_len)
+    tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
+    state = train_lib.create_train_state(model.apply, params, tx, config.seed)
+    metrics_lib.console(f"{self.name}: {train_lib.count_params(params)} parameters, "
+                        f"{num_steps} steps of {batches}")
+    state = self.resume(state, lambda data_state, _: train_iter.set_state(data_state))
+    step = parallel.pmap_step(
+        functools.partial(step_fn, dropout=config.get("dropout_rate", 0.0) > 0))
+    return model, state, schedule, step
 
   def finished_summary(self, num_steps: int) -> dict | None:
     """The saved summary of a run that already finished (`num_steps` done and summary.json

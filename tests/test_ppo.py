@@ -235,6 +235,37 @@ def test_first_minibatch_ratio_is_one(first_iteration):
   assert metrics["sampler_logprob_max_diff"] < 1e-4
 
 
+def test_bfloat16_compute_and_frozen_storage_keep_the_first_ratio_at_one(setup):
+  # Mixed precision: bfloat16 compute over float32 master params and Adam states, the
+  # frozen reference and reward model stored in bfloat16.
+  config = setup["config"].replace(dtype=jnp.bfloat16)
+  policy_model, value_model = models.CausalLM(config), models.ScalarHeadModel(config)
+  state = ppo.create_ppo_state(
+      policy_model=policy_model, sft_params=setup["sft_params"], value_model=value_model,
+      reward_params=setup["reward_params"], policy_tx=optax.adam(3e-3),
+      value_tx=optax.adam(1e-2), init_kl_coef=INIT_KL, seed=0, reward_gain=GAIN,
+      reward_bias=BIAS, frozen_dtype=jnp.bfloat16)
+  dtypes = lambda tree: {np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(tree)}
+  assert dtypes(state.ref_params) == dtypes(state.reward_params) == {np.dtype(jnp.bfloat16)}
+  assert dtypes(state.policy.params) == dtypes(state.value.params) == {np.dtype(np.float32)}
+  assert dtypes(state.ema_params) == {np.dtype(np.float32)}
+  state = state.replace(policy=state.policy.replace(params=setup["state"].policy.params))
+  iteration_p = parallel.pmap_step(functools.partial(
+      ppo.train_iteration, policy_model=policy_model, settings=SETTINGS))
+  ptx = ppo.stack_ptx_batches([parallel.shard(_ptx(i), DEVICES)
+                               for i in range(SETTINGS.updates_per_iteration)])
+  rstate, metrics = iteration_p(parallel.replicate(state), _put(_prompts(0)),
+                                parallel.device_put_sharded(ptx))
+  metrics = parallel.fetch(metrics)
+  # The rollout's log-probabilities and the first update's come from one computation.
+  assert metrics["first_minibatch_log_ratio_abs_max"] == 0.0
+  assert metrics["first_minibatch_ratio_mean"] == 1.0
+  assert metrics["log_ratio_abs_max"] > 1e-3 and metrics["loss_finite"] == 1.0
+  after = parallel.unreplicate(rstate)
+  assert dtypes(after.policy.opt_state) <= {np.dtype(np.float32), np.dtype(np.int32)}
+  assert dtypes(after.ref_params) == {np.dtype(jnp.bfloat16)}
+
+
 def test_kl_controller_and_rewards_wired(first_iteration):
   state, metrics = first_iteration
   assert metrics["kl_coef"] == pytest.approx(INIT_KL)

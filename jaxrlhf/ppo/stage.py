@@ -206,7 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       policy_model=policy_model, sft_params=sft_params, value_model=value_model,
       reward_params=reward_params, policy_tx=policy_tx, value_tx=value_tx,
       init_kl_coef=config.kl.init_coef, seed=config.seed,
-      reward_gain=config.reward.gain, reward_bias=config.reward.bias)
+      reward_gain=config.reward.gain, reward_bias=config.reward.bias,
+      frozen_dtype=(model_lib.dtype_from_name(config.frozen_dtype)
+                    if config.get("frozen_dtype") else None))
   metrics_lib.console(
       f"{config.get('stage', 'ppo')}: policy {train_lib.count_params(sft_params)} params, "
       f"value {train_lib.count_params(reward_params)} params; {config.num_iterations} "

@@ -58,20 +58,25 @@ class PPOState:
 def create_ppo_state(*, policy_model, sft_params, value_model, reward_params,
                      policy_tx: optax.GradientTransformation,
                      value_tx: optax.GradientTransformation, init_kl_coef: float,
-                     seed: int, reward_gain: float = 1.0, reward_bias: float = 0.0) -> PPOState:
+                     seed: int, reward_gain: float = 1.0, reward_bias: float = 0.0,
+                     frozen_dtype: Any = None) -> PPOState:
   """A fresh PPO state: policy, reference and EMA from `sft_params`, value from the RM.
 
   Every copy owns its buffers, so donating the state never frees an array that another
-  field still uses.
+  field still uses. `frozen_dtype` (bfloat16, say) stores the frozen reference and
+  reward model in that dtype; they are computed in the model's compute dtype whatever
+  they are stored in, and the policy, value, optimizer states and EMA keep theirs.
   """
   copy = lambda tree: jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+  frozen = copy if frozen_dtype is None else (
+      lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(frozen_dtype), tree))
   return PPOState(
       policy=train_lib.create_train_state(policy_model.apply, copy(sft_params), policy_tx,
                                           seed),
       value=train_lib.create_train_state(value_model.apply, copy(reward_params), value_tx,
                                          seed),
-      ref_params=copy(sft_params),
-      reward_params=copy(reward_params),
+      ref_params=frozen(sft_params),
+      reward_params=frozen(reward_params),
       reward_gain=jnp.asarray(reward_gain, jnp.float32),
       reward_bias=jnp.asarray(reward_bias, jnp.float32),
       kl=losses.KLControllerState.create(init_kl_coef),
