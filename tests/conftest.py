@@ -20,10 +20,11 @@ os.environ["JAXRLHF_TEST_XLA_FLAGS"] = " ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split()
     if not f.startswith("--xla_force_host_platform_device_count")) + " " + TEST_XLA_FLAGS
 
-# Must happen before jax is imported anywhere.
+# Must happen before jax is imported anywhere. The suite is written for 4 devices;
+# JAXRLHF_TEST_DEVICES=8 runs tests/test_mesh.py on 8 (fsdp=8 and data=2 x fsdp=4).
 os.environ["XLA_FLAGS"] = (
-    os.environ["JAXRLHF_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"
-).strip()
+    os.environ["JAXRLHF_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count="
+    + os.environ.get("JAXRLHF_TEST_DEVICES", "4")).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A fresh cache per session, removed at its end: the suite's cost is that of a cold start.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -1,6 +1,7 @@
 """Mesh mode (jit over a data x fsdp device mesh) against pmap: the same steps, the same
 numbers, with the state split over the fsdp axis."""
 
+import dataclasses
 import functools
 
 import jax
@@ -19,7 +20,8 @@ from jaxrlhf import train_lib
 
 VOCAB, BATCH, TIME, K = 64, 8, 10, 3
 STEPS = 20
-MESHES = ("fsdp=4", "data=2,fsdp=2")
+N = jax.device_count()  # 4 in the suite; JAXRLHF_TEST_DEVICES=8 runs these tests on 8
+MESHES = (f"fsdp={N}", f"data=2,fsdp={N // 2}")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_scanned_layers_in_mesh_mode_train_as_unrolled_ones_under_pmap():
                                        parallel.Layout())
   scan_params, scan_losses, sharded = _train(
       scanned, models.stack_layers(params, 2), step, _lm_batches(),
-      parallel.make_layout("mesh", "fsdp=4"))
+      parallel.make_layout("mesh", f"fsdp={N}"))
   assert sharded >= 6
   # Measured on 4 CPU devices after 20 steps: losses within 4.8e-7; parameters within
   # 1.03e-5 (layers_1's MLP gate), where the scanned model under pmap stays within 4.3e-7
@@ -173,16 +175,22 @@ PPO_ITERATIONS = 10
 def _ppo_run(layout, setup_state, policy_model):
   """PPO_ITERATIONS PPO-ptx iterations in `layout`: host state and per-iteration metrics."""
   from tests import test_ppo  # pylint: disable=g-import-not-at-top
+  # test_ppo's batches are for 4 devices: on more, several of them side by side.
+  copies = max(1, N // test_ppo.DEVICES)
+  settings = dataclasses.replace(
+      test_ppo.SETTINGS, episodes_per_iteration=test_ppo.BATCH * copies)
+  prompts_for = lambda i: jax.tree.map(lambda *xs: np.concatenate(xs), *[
+      test_ppo._prompts(i + 1000 * c) for c in range(copies)])
   with parallel.using(layout):
     iteration = parallel.pmap_step(functools.partial(
-        ppo.train_iteration, policy_model=policy_model, settings=test_ppo.SETTINGS))
+        ppo.train_iteration, policy_model=policy_model, settings=settings))
     rstate = parallel.replicate(setup_state)
     rows = []
     for i in range(PPO_ITERATIONS):
-      prompts = parallel.device_put_sharded(parallel.shard(test_ppo._prompts(i), 4))
+      prompts = parallel.device_put_sharded(parallel.shard(prompts_for(i), N))
       ptx = parallel.device_put_sharded(ppo.stack_ptx_batches(
-          [parallel.shard(test_ppo._ptx(100 * i + u), 4)
-           for u in range(test_ppo.SETTINGS.updates_per_iteration)]), row_axis=1)
+          [parallel.shard(test_ppo._ptx(100 * i + u), N)
+           for u in range(settings.updates_per_iteration)]), row_axis=1)
       rstate, metrics = iteration(rstate, prompts, ptx)
       rows.append(parallel.fetch(metrics))
     return parallel.unreplicate(rstate), rows
@@ -202,11 +210,15 @@ def test_ppo_ptx_iterations_equal_in_mesh_and_pmap():
       reward_params=models.init_params(value_model, jax.random.key(1), seq_len=10),
       policy_tx=optax.adam(3e-3), value_tx=optax.adam(1e-2), init_kl_coef=0.05, seed=0)
   base_state, base_rows = _ppo_run(parallel.Layout(), state, policy_model)
-  mesh_state, mesh_rows = _ppo_run(parallel.make_layout("mesh", "data=2,fsdp=2"), state,
+  mesh_state, mesh_rows = _ppo_run(parallel.make_layout("mesh", MESHES[1]), state,
                                    policy_model)
   # Measured on 4 CPU devices over 10 iterations: policy parameters within 7.5e-7 of
   # pmap's, value parameters within 2.4e-6; the metrics as close, the first minibatch's
-  # |log ratio| max (rounding, about 5e-7 in both) included.
+  # |log ratio| max (rounding, about 5e-7 in both) included. On 8 devices
+  # (JAXRLHF_TEST_DEVICES=8: fsdp=8 against data=2 x fsdp=4 and pmap) the losses stay
+  # within 5e-7, but one of the policy's 2048 MLP down-projection weights is 1.1e-5 away
+  # (after 5 iterations and after 10) and value_explained_variance 1.2e-5: this test
+  # does not pass there.
   for base, mesh in zip(base_rows, mesh_rows):
     assert base.keys() == mesh.keys()
     for name in base:
