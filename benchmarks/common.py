@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxrlhf import model_lib
 from jaxrlhf import models
 from jaxrlhf import optim
 from jaxrlhf import ppo
@@ -177,19 +178,28 @@ def maybe_torch():
   return torch
 
 
-def measure_matmul_peak(size: int, repeats: int = 5) -> dict:
-  """Best float32 matmul FLOP/s through jax, and through torch when it is installed."""
+def measure_matmul_peak(size: int, repeats: int = 5, dtype: str = "float32",
+                        torch_device: str = "cpu") -> dict:
+  """Best [size, size] matmul FLOP/s in `dtype` through jax (its default device), and
+  through torch on `torch_device` when torch is installed."""
   flops = 2 * size**3
-  out = {"size": size}
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+  out = {"size": size, "dtype": dtype}
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
   matmul = jax.jit(jnp.matmul)
   timing = time_calls(lambda: matmul(a, b).block_until_ready(), warmup=1, repeats=repeats)
   out["jax_flops_per_s"] = flops / min(timing["times_s"])
   torch = maybe_torch()
   if torch is not None:
-    ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
-    timing = time_calls(lambda: torch.matmul(ta, tb), warmup=1, repeats=repeats)
+    device = torch_device_of(torch_device)
+    ta = torch.from_numpy(np.array(a, np.float32)).to(device, getattr(torch, dtype))
+    tb = torch.from_numpy(np.array(b, np.float32)).to(device, getattr(torch, dtype))
+
+    def call():
+      torch.matmul(ta, tb)
+      if device.type == "cuda":
+        torch.cuda.synchronize()
+    timing = time_calls(call, warmup=1, repeats=repeats)
     out["torch_flops_per_s"] = flops / min(timing["times_s"])
   out["peak_flops_per_s"] = max(v for k, v in out.items() if k.endswith("_flops_per_s"))
   return out
@@ -200,11 +210,47 @@ def measure_matmul_peak(size: int, repeats: int = 5) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
+def torch_device_of(name: str):
+  """'cpu', 'cuda', or 'auto' (cuda when torch sees a GPU) as a torch.device."""
+  torch = maybe_torch()
+  if name == "auto":
+    name = "cuda" if torch.cuda.is_available() else "cpu"
+  return torch.device(name)
+
+
 def model_config(config: ml_collections.ConfigDict) -> models.TransformerConfig:
   fields = dict(config.model)
   arch = fields.pop("arch")
-  # Random weights and random tokens: no special tokens, so nothing stops early.
-  return models.TransformerConfig.for_arch(arch, **fields, pad_token_id=0)
+  # Random weights and random tokens: no special tokens, so nothing stops early. The
+  # parameters stay float32 (the master copy); `dtype` is the compute dtype.
+  return models.TransformerConfig.for_arch(
+      arch, **fields, pad_token_id=0,
+      dtype=model_lib.dtype_from_name(config.get("dtype", "float32")))
+
+
+def compiled_memory(fn, *args) -> dict | None:
+  """The compiled program's own memory analysis (bytes per device), for a pmapped or
+  jitted `fn` on `args`; None where the backend gives none."""
+  try:
+    analysis = fn.lower(*args).compile().memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if analysis is None:
+    return None
+  out = {name: int(getattr(analysis, f"{name}_size_in_bytes"))
+         for name in ("argument", "output", "temp", "alias")}
+  out["peak_estimate"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def device_memory() -> dict | None:
+  """The first jax device's allocator figures (peak since the process started, and now);
+  None on backends without them (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats:
+    return None
+  return {"peak_bytes_in_use": int(stats.get("peak_bytes_in_use", 0)),
+          "bytes_in_use": int(stats.get("bytes_in_use", 0))}
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

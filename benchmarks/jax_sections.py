@@ -59,7 +59,8 @@ def jax_sft(config, mcfg, devices, peak) -> dict:
   timing = common.time_calls(call, warmup=config.warmup, repeats=config.repeats)
   tokens = float(host["input_ids"].size)
   flops = tokens * common.train_flops_per_token(mcfg, config.seq_len)
-  return common.throughput(timing, tokens, flops, peak)
+  return common.throughput(timing, tokens, flops, peak) | {
+      "compiled_memory": common.compiled_memory(step, rstate[0], batch)}
 
 
 def jax_rm(config, mcfg, devices, peak) -> dict:
@@ -82,7 +83,8 @@ def jax_rm(config, mcfg, devices, peak) -> dict:
   comparisons = float(host["pair_mask"].sum())
   tokens = float(host["input_ids"].size)
   flops = tokens * common.train_flops_per_token(mcfg, config.rm_seq_len, head="scalar")
-  return common.throughput(timing, comparisons, flops, peak) | {"tokens": tokens}
+  return common.throughput(timing, comparisons, flops, peak) | {
+      "tokens": tokens, "compiled_memory": common.compiled_memory(step, rstate[0], batch)}
 
 
 def jax_sampler(config, mcfg, batch_size: int, peak) -> dict:
@@ -176,6 +178,8 @@ def jax_ppo(config, mcfg, devices, settings: ppo.PPOSettings, peak) -> dict:
       "update": common.throughput(common.time_calls(call_update, **kw), episodes,
                                   flops["update"], peak),
   }
+  out["update"]["compiled_memory"] = common.compiled_memory(update_p, rstate[0],
+                                                            scored[0][0])
   if config.ppo_full_iteration:
     out["iteration"] = common.throughput(common.time_calls(call_iteration, **kw), episodes,
                                          sum(flops.values()), peak)

@@ -102,9 +102,15 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
   results["shapes"]["sampler_batch_sizes"] = list(config.sampler_batch_sizes)
   log(f"benchmark {config.model_name}: {results['matmul_params'] / 1e6:.1f}M matmul "
       f"params, jax devices {results['host']['devices']}, torch {use_torch}")
-  results["matmul_peak"] = common.measure_matmul_peak(config.matmul_size)
+  dtype = config.get("dtype", "float32")
+  torch_device = config.get("torch_device", "cpu") if use_torch else "cpu"
+  results["dtype"] = dtype
+  results["matmul_peak"] = common.measure_matmul_peak(
+      config.matmul_size, dtype=dtype, torch_device=torch_device)
   peak = results["matmul_peak"]["peak_flops_per_s"]
-  log(f"matmul peak: {peak / 1e9:.1f} GFLOP/s")
+  log(f"matmul peak ({dtype}): {peak / 1e9:.1f} GFLOP/s")
+  if use_torch:
+    results["torch_device"] = str(common.torch_device_of(torch_device))
 
   frameworks = {"jaxrlhf": {}, "pytorch": {}} if use_torch else {"jaxrlhf": {}}
   results["results"] = frameworks
@@ -113,10 +119,15 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
       continue
     t0 = time.perf_counter()
     frameworks["jaxrlhf"][name] = jax_fn()
+    # On an accelerator: the allocator's peak so far (it cannot be reset between
+    # sections, so it only grows) next to the compiled programs' own analysis.
+    results.setdefault("device_memory", {})[name] = common.device_memory()
     log(f"  jaxrlhf {name}: {time.perf_counter() - t0:.1f} s")
     if use_torch:
       t0 = time.perf_counter()
       frameworks["pytorch"][name] = torch_fn()
+      from benchmarks import torch_sections  # pylint: disable=g-import-not-at-top
+      results.setdefault("torch_cuda_peak_bytes", {})[name] = torch_sections.cuda_peak_bytes()
       log(f"  pytorch {name}: {time.perf_counter() - t0:.1f} s")
     gc.collect()
     if on_section is not None:

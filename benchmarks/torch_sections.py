@@ -9,6 +9,8 @@ torch is installed (report.run).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -16,6 +18,34 @@ import transformers
 from benchmarks import common
 from jaxrlhf import models
 from jaxrlhf import ppo
+
+
+def _device(config) -> torch.device:
+  return common.torch_device_of(config.get("torch_device", "cpu"))
+
+
+def _autocast(config, device: torch.device):
+  """torch.autocast in bfloat16 when the benchmark's dtype is, over float32 parameters
+  (jaxrlhf's mixed precision); nothing in float32."""
+  if config.get("dtype", "float32") == "bfloat16":
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def cuda_peak_bytes() -> int | None:
+  """torch's CUDA allocator peak since the last call (then reset), None without CUDA;
+  the memory torch's cache still holds goes back to the device, for jax's next section."""
+  if not torch.cuda.is_available():
+    return None
+  peak = int(torch.cuda.max_memory_allocated())
+  torch.cuda.reset_peak_memory_stats()
+  torch.cuda.empty_cache()
+  return peak
 
 
 def _torch_models(mcfg):
@@ -53,9 +83,11 @@ def _torch_trainer(config, model):
                                 betas=(cfg.b1, cfg.b2), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
   clip_norm = cfg.grad_clip_norm
+  device = _device(config)
 
   def step(loss_fn):
-    loss = loss_fn()
+    with _autocast(config, device):  # the forward pass; backward runs outside it
+      loss = loss_fn()
     loss.backward()
     if clip_norm:  # 0 turns clipping off, as in optim.make_optimizer
       torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
@@ -68,11 +100,12 @@ def _torch_trainer(config, model):
 
 def torch_sft(config, mcfg, peak) -> dict:
   causal_lm, _ = _torch_models(mcfg)
-  model = causal_lm(config.seed).train()
+  device = _device(config)
+  model = causal_lm(config.seed).to(device).train()
   train_step = _torch_trainer(config, model)
   host = common.lm_batch(mcfg, config.train_batch_size, config.seq_len)
-  ids = torch.from_numpy(host["input_ids"]).long()
-  mask = torch.from_numpy(host["attention_mask"]).long()
+  ids = torch.from_numpy(host["input_ids"]).long().to(device)
+  mask = torch.from_numpy(host["attention_mask"]).long().to(device)
 
   def call():
     train_step(lambda: model(input_ids=ids, attention_mask=mask, labels=ids,
@@ -86,17 +119,18 @@ def torch_sft(config, mcfg, peak) -> dict:
 
 def torch_rm(config, mcfg, peak) -> dict:
   _, scalar_head = _torch_models(mcfg)
-  model = scalar_head(config.seed).train()
+  device = _device(config)
+  model = scalar_head(config.seed).to(device).train()
   train_step = _torch_trainer(config, model)
   host = common.ranking_batch(mcfg, config.rm_batch_size, config.rm_k, config.rm_seq_len)
   batch, k, t = host["input_ids"].shape
-  ids = torch.from_numpy(host["input_ids"]).long().reshape(-1, t)
-  mask = torch.from_numpy(host["attention_mask"]).long().reshape(-1, t)
-  end = torch.from_numpy(host["end_index"]).long().reshape(-1, 1)
-  pair_mask = torch.from_numpy(host["pair_mask"])
+  ids = torch.from_numpy(host["input_ids"]).long().reshape(-1, t).to(device)
+  mask = torch.from_numpy(host["attention_mask"]).long().reshape(-1, t).to(device)
+  end = torch.from_numpy(host["end_index"]).long().reshape(-1, 1).to(device)
+  pair_mask = torch.from_numpy(host["pair_mask"]).to(device)
 
   def loss_fn():
-    scores = model(ids, mask).gather(1, end)[:, 0].reshape(batch, k)
+    scores = model(ids, mask).gather(1, end)[:, 0].float().reshape(batch, k)
     diffs = scores[:, :, None] - scores[:, None, :]
     terms = F.logsigmoid(diffs) * pair_mask
     return -(terms.sum((1, 2)) / pair_mask.sum((1, 2))).mean()
@@ -121,14 +155,16 @@ def _generate(model, ids, mask, *, max_new_tokens, temperature=1.0, top_k=0, top
 
 def torch_sampler(config, mcfg, batch_size: int, peak) -> dict:
   causal_lm, _ = _torch_models(mcfg)
-  model = causal_lm(config.seed).eval()
+  device = _device(config)
+  model = causal_lm(config.seed).to(device).eval()
   prompts = common.prompt_batch(mcfg, batch_size, config.prompt_len)
-  ids = torch.from_numpy(prompts["prompt_ids"]).long()
-  mask = torch.from_numpy(prompts["prompt_mask"]).long()
+  ids = torch.from_numpy(prompts["prompt_ids"]).long().to(device)
+  mask = torch.from_numpy(prompts["prompt_mask"]).long().to(device)
 
   def call():
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(config, device):
       out = _generate(model, ids, mask, max_new_tokens=config.new_tokens)
+    _sync(device)
     assert out.shape[1] == config.prompt_len + config.new_tokens, out.shape
 
   timing = common.time_calls(call, warmup=config.warmup, repeats=config.repeats)
@@ -239,23 +275,25 @@ def torch_ppo(config, mcfg, settings: ppo.PPOSettings, peak) -> dict:
   """
   check_ppo_settings(settings)
   causal_lm, scalar_head = _torch_models(mcfg)
-  policy, ref = causal_lm(config.seed), causal_lm(config.seed).eval()
-  value, reward = scalar_head(config.seed + 1), scalar_head(config.seed + 1).eval()
+  device = _device(config)
+  policy, ref = causal_lm(config.seed).to(device), causal_lm(config.seed).to(device).eval()
+  value = scalar_head(config.seed + 1).to(device)
+  reward = scalar_head(config.seed + 1).to(device).eval()
   policy_step = _torch_trainer(config, policy)
   value_step = _torch_trainer(config, value)
   prompts = common.prompt_batch(mcfg, config.ppo_batch_size, config.prompt_len)
-  prompt_ids = torch.from_numpy(prompts["prompt_ids"]).long()
-  prompt_mask = torch.from_numpy(prompts["prompt_mask"]).long()
+  prompt_ids = torch.from_numpy(prompts["prompt_ids"]).long().to(device)
+  prompt_mask = torch.from_numpy(prompts["prompt_mask"]).long().to(device)
   p, n = config.prompt_len, settings.max_new_tokens
   state = {}
 
   def logprobs_of(model, seq, mask):
     logits = model(input_ids=seq, attention_mask=mask, use_cache=False).logits[:, p - 1:-1]
-    return token_logprobs(logits, seq[:, p:], settings)
+    return token_logprobs(logits.float(), seq[:, p:], settings)
 
   def call_rollout():
     policy.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(config, device):
       seq = _generate(policy, prompt_ids, prompt_mask, **sampling_options(settings))
     seq = F.pad(seq, (0, p + n - seq.shape[1]), value=settings.pad_token_id)
     response = seq[:, p:]
@@ -265,20 +303,22 @@ def torch_ppo(config, mcfg, settings: ppo.PPOSettings, peak) -> dict:
     state["mask"] = torch.cat([prompt_mask, response_mask.long()], 1)
     state["response_mask"] = response_mask
     state["stopped"] = is_stop.sum(1) > 0
+    _sync(device)
 
   def call_scoring():
     seq, mask, rmask = state["seq"], state["mask"], state["response_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(config, device):
       logprobs = logprobs_of(policy, seq, mask) * rmask
       ref_logprobs = logprobs_of(ref, seq, mask) * rmask
-      values = value(seq, mask)[:, p - 1:-1] * rmask
+      values = value(seq, mask)[:, p - 1:-1].float() * rmask
       last = p + rmask.sum(1).long().clamp(min=1) - 1
-      scores = reward(seq, mask).gather(1, last[:, None])[:, 0]
+      scores = reward(seq, mask).gather(1, last[:, None])[:, 0].float()
       advantages, returns = advantages_and_returns(
           logprobs, ref_logprobs, values, scores, state["stopped"], rmask,
           kl_coef=config.ppo_kl_coef, settings=settings)
     state.update(old_logprobs=logprobs, old_values=values, advantages=advantages,
                  returns=returns)
+    _sync(device)
 
   def call_update():
     policy.train()
@@ -289,8 +329,8 @@ def torch_ppo(config, mcfg, settings: ppo.PPOSettings, peak) -> dict:
           logprobs_of(policy, mb["seq"], mb["mask"]), mb["old_logprobs"], mb["advantages"],
           mb["response_mask"], settings)).item()
       value_step(lambda: value_loss(
-          value(mb["seq"], mb["mask"])[:, p - 1:-1], mb["old_values"], mb["returns"],
-          mb["response_mask"], settings)).item()
+          value(mb["seq"], mb["mask"])[:, p - 1:-1].float(), mb["old_values"],
+          mb["returns"], mb["response_mask"], settings)).item()
 
   kw = dict(warmup=config.warmup, repeats=config.repeats)
   flops = common.ppo_flops(config, mcfg, settings)

@@ -27,7 +27,12 @@ def get_config(arg=None):
   config.sections = ("sft", "rm", "sampler", "ppo")
   config.repeats = 3  # Timed calls per measurement; the median is reported.
   config.warmup = 0  # Untimed calls after the first one (which compiles and warms up).
-  config.matmul_size = 2048  # [n, n] @ [n, n] float32 for the peak FLOP/s.
+  config.matmul_size = 2048  # [n, n] @ [n, n] in `dtype` for the peak FLOP/s.
+  # Compute dtype of both frameworks: 'bfloat16' is jaxrlhf's mixed precision (bfloat16
+  # compute over float32 parameters and AdamW states) and torch.autocast(bfloat16) over
+  # float32 parameters; the matmul peak is then measured in bfloat16 too.
+  config.dtype = "float32"
+  config.torch_device = "cpu"  # 'cpu', 'cuda', or 'auto' (cuda when torch sees one).
   config.output = ""  # JSON path; '' = <workdir>/benchmark.json when a workdir is given.
   config.learning_rate = 1e-5  # AdamW, both frameworks (betas 0.9/0.95, clip 1.0).
   config.weight_decay = 0.01
@@ -56,6 +61,25 @@ def get_config(arg=None):
     config.rm_seq_len = 16
     config.prompt_len = 8
     config.new_tokens = 8
+  elif variant in ("gpu_gpt2", "gpu_1_3b"):
+    # One CUDA GPU, bfloat16 (benchmarks/accelerator.sh runs both in one 10-minute call).
+    config.dtype = "bfloat16"
+    config.torch_device = "auto"
+    config.matmul_size = 8192
+    config.repeats, config.warmup = 5, 1
+    config.seq_len, config.rm_seq_len, config.rm_k = 1024, 512, 4
+    config.prompt_len, config.new_tokens = 128, 128
+    config.ppo_batch_size, config.ppo_minibatch_size = 32, 8
+    if variant == "gpu_gpt2":
+      config.model = config_lib.model_preset("gpt2")
+      config.train_batch_size, config.rm_batch_size = 16, 4
+    else:  # the 1.3B GPT-3 XL shape of configs/memory.py, its layers scanned
+      config.model = config_lib.model_preset("gpt2")
+      config.model.update(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+                          head_dim=128, intermediate_size=8192, max_position_embeddings=2048)
+      config.model.scan_layers = True
+      config.train_batch_size, config.rm_batch_size = 8, 2
+      config.ppo_full_iteration = False
   elif variant in ("gpt2", "llama_small"):
     config.model = config_lib.model_preset(variant)
     # The one-call iteration costs as much again as its three parts; on 2 CPU cores the
@@ -63,5 +87,5 @@ def get_config(arg=None):
     config.ppo_full_iteration = False
   else:
     raise ValueError(f"configs/benchmark.py: unknown variant {variant!r}; expected tiny, "
-                     "gpt2 or llama_small")
+                     "gpt2, llama_small, gpu_gpt2 or gpu_1_3b")
   return config

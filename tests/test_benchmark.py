@@ -48,6 +48,32 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
   assert json.loads((tmp_path / "bench.json").read_text())["model_name"] == "tiny"
 
 
+def test_bfloat16_benchmark_measures_both_frameworks_in_bfloat16(tmp_path):
+  # The accelerator variants' path (benchmarks/accelerator.sh), on the tiny shape: jax's
+  # bfloat16 compute and torch.autocast(bfloat16), the peak measured in bfloat16.
+  config = benchmark_config.get_config("tiny")
+  config.repeats, config.warmup = 1, 0
+  config.sections = ("sft", "rm")
+  config.model.num_layers = 1
+  config.dtype = "bfloat16"
+  config.torch_device = "auto"
+  results = report.run(config)
+  assert results["dtype"] == results["matmul_peak"]["dtype"] == "bfloat16"
+  assert results["torch_device"] == "cpu"  # no GPU here
+  for framework in ("jaxrlhf", "pytorch"):
+    for section in ("sft", "rm"):
+      assert results["results"][framework][section]["units_per_s"] > 0
+  memory = results["results"]["jaxrlhf"]["sft"]["compiled_memory"]
+  assert memory["argument"] > 0 and memory["peak_estimate"] >= memory["argument"]
+  assert results["device_memory"]["sft"] is None  # CPU: no allocator statistics
+  assert results["torch_cuda_peak_bytes"]["sft"] is None
+  for preset in ("gpu_gpt2", "gpu_1_3b"):
+    gpu = benchmark_config.get_config(preset)
+    assert gpu.dtype == "bfloat16" and gpu.torch_device == "auto"
+  assert common.matmul_params(common.model_config(
+      benchmark_config.get_config("gpu_1_3b"))) > 1.2e9
+
+
 def test_flop_accounting_matches_parameter_count():
   """6N uses the matmul kernels: the trunk's (minus embeddings and norms) plus the head."""
   import jax
