@@ -1,6 +1,7 @@
 """Every pmap, replicate, shard and unreplicate call in jaxrlhf lives here.
 
-Two layouts, one set of calls (`configure` picks one from `config.parallel`):
+Two layouts, one set of calls (`configure`, in jaxrlhf/layout.py, picks one from
+`config.parallel`):
 
 - "pmap" (the default): every device holds the whole state; a step body sees its
   device's rows and reduces over the `batch` axis with `psum` / `pmean`.
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import dataclasses
-import math
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -28,160 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import config_lib
+# The layouts and their shardings (re-exported: callers spell them parallel.X).
+from jaxrlhf.layout import (  # pylint: disable=unused-import
+    MESH_AXES, MIN_SHARDED_SIZE, MODES, Layout, batch_sharding, configure, constrain_state,
+    layout, make_layout, param_sharding, param_spec, parse_mesh, set_layout,
+    state_shardings, using)
 
 # The one axis every pmapped train step reduces over.
 BATCH_AXIS = "batch"
-
-MODES = ("pmap", "mesh")
-MESH_AXES = ("data", "fsdp")
-# Arrays with fewer elements stay whole on every device in mesh mode (norm scales,
-# biases, the step counter, PRNG keys): splitting them saves nothing and costs a gather.
-MIN_SHARDED_SIZE = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How the devices are used: `mode` "pmap", or "mesh" with `mesh` (axes MESH_AXES)."""
-  mode: str = "pmap"
-  mesh: jax.sharding.Mesh | None = None
-
-  @property
-  def is_mesh(self) -> bool:
-    return self.mode == "mesh"
-
-  def axis_size(self, name: str) -> int:
-    return int(self.mesh.shape[name]) if self.mesh is not None else 1
-
-  def describe(self) -> str:
-    if not self.is_mesh:
-      return f"pmap over {jax.device_count()} devices"
-    return "mesh " + " x ".join(f"{a}={self.axis_size(a)}" for a in MESH_AXES)
-
-
-_LAYOUT = Layout()
-
-
-def layout() -> Layout:
-  return _LAYOUT
-
-
-def parse_mesh(spec: str, num_devices: int, field: str = "config.parallel.mesh"
-               ) -> dict[str, int]:
-  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; one size may be -1 (the rest of the
-  devices); an axis left out has size 1; '' is fsdp over every device."""
-  sizes = {a: 1 for a in MESH_AXES}
-  if not spec.strip():
-    spec = "fsdp=-1"
-  seen = set()
-  for part in spec.split(","):
-    name, sep, value = part.partition("=")
-    name = name.strip()
-    if not sep or name not in MESH_AXES or name in seen:
-      raise config_lib.ConfigError(
-          f"{field}={spec!r}: each entry is <axis>=<size> with axis one of "
-          f"{', '.join(MESH_AXES)}, each at most once ('{part.strip()}' is not).")
-    try:
-      sizes[name] = int(value)
-    except ValueError:
-      raise config_lib.ConfigError(
-          f"{field}={spec!r}: the size of {name} must be an integer, not {value!r}.") from None
-    seen.add(name)
-  rest = [a for a, n in sizes.items() if n == -1]
-  if len(rest) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
-    raise config_lib.ConfigError(
-        f"{field}={spec!r}: sizes are positive, and at most one is -1 (the rest).")
-  known = math.prod(n for n in sizes.values() if n != -1)
-  if rest:
-    if num_devices % known:
-      raise config_lib.ConfigError(
-          f"{field}={spec!r}: {num_devices} devices are not a multiple of {known}.")
-    sizes[rest[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise config_lib.ConfigError(
-        f"{field}={spec!r}: the axes hold {math.prod(sizes.values())} devices and the run "
-        f"has {num_devices}; make their product {num_devices} (or use -1 for one axis).")
-  return sizes
-
-
-def make_layout(mode: str = "pmap", mesh: str = "", devices: Sequence[Any] | None = None,
-                field: str = "config.parallel") -> Layout:
-  if mode not in MODES:
-    raise config_lib.ConfigError(
-        f"{field}.mode={mode!r}: choose one of {', '.join(repr(m) for m in MODES)}.")
-  if mode == "pmap":
-    return Layout()
-  devices = list(devices or jax.devices())
-  sizes = parse_mesh(mesh, len(devices), field=f"{field}.mesh")
-  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
-  return Layout("mesh", jax.sharding.Mesh(grid, MESH_AXES))
-
-
-def set_layout(new: Layout) -> Layout:
-  """Makes `new` the layout of every step built and batch placed from now on; returns
-  the previous one."""
-  global _LAYOUT
-  previous, _LAYOUT = _LAYOUT, new
-  return previous
-
-
-def configure(parallel_config: Any | None) -> Layout:
-  """Sets the layout from a `config.parallel` section ({mode, mesh}); pmap without one."""
-  new = (Layout() if parallel_config is None else
-         make_layout(parallel_config.get("mode", "pmap"), parallel_config.get("mesh", "")))
-  set_layout(new)
-  return new
-
-
-@contextlib.contextmanager
-def using(new: Layout) -> Iterator[Layout]:
-  """`set_layout(new)` for the block."""
-  previous = set_layout(new)
-  try:
-    yield new
-  finally:
-    set_layout(previous)
-
-
-def _batch_spec() -> jax.sharding.PartitionSpec:
-  return jax.sharding.PartitionSpec(MESH_AXES)
-
-
-def batch_sharding(lay: Layout | None = None) -> jax.sharding.NamedSharding:
-  """Mesh mode: rows split over every mesh axis."""
-  lay = lay or _LAYOUT
-  return jax.sharding.NamedSharding(lay.mesh, _batch_spec())
-
-
-def param_spec(shape: Sequence[int], fsdp: int) -> jax.sharding.PartitionSpec:
-  """The fsdp split of one array: its largest dimension that `fsdp` divides (the first
-  of equals), or none for small arrays and arrays no dimension of which it divides."""
-  shape = tuple(shape)
-  if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
-    return jax.sharding.PartitionSpec()
-  candidates = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
-  if not candidates:
-    return jax.sharding.PartitionSpec()
-  dim = max(candidates, key=lambda d: (shape[d], -d))
-  return jax.sharding.PartitionSpec(*(["fsdp" if d == dim else None
-                                       for d in range(len(shape))]))
-
-
-def param_sharding(shape: Sequence[int], lay: Layout | None = None
-                   ) -> jax.sharding.NamedSharding:
-  lay = lay or _LAYOUT
-  return jax.sharding.NamedSharding(lay.mesh, param_spec(shape, lay.axis_size("fsdp")))
-
-
-def state_shardings(tree: Any, lay: Layout | None = None) -> Any:
-  """The mesh-mode sharding of every array of a state (params, optimizer states, ...)."""
-  return jax.tree_util.tree_map(lambda x: param_sharding(np.shape(x), lay), tree)
-
-
-def _constrain_state(tree: Any, lay: Layout) -> Any:
-  return jax.tree_util.tree_map(
-      lambda x: jax.lax.with_sharding_constraint(x, param_sharding(x.shape, lay))
-      if hasattr(x, "shape") else x, tree)
-
 
 def local_device_count() -> int:
   return jax.local_device_count()
@@ -207,12 +60,12 @@ def pmap_step(step_fn: Callable, *, donate_state: bool = True,
   """Wraps a pure `step(state, batch, ...) -> (state, ...)` once for all (or the given)
   devices: pmapped, or in mesh mode jitted with the new state kept in the state's
   sharding."""
-  if _LAYOUT.is_mesh and devices is None:
-    lay = _LAYOUT
+  if layout().is_mesh and devices is None:
+    lay = layout()
 
     def mesh_step(state, *args):
       out = step_fn(state, *args)
-      return (_constrain_state(out[0], lay),) + tuple(out[1:])
+      return (constrain_state(out[0], lay),) + tuple(out[1:])
     return _mesh_jit(mesh_step, donate_argnums=(0,) if donate_state else (),
                      static_argnums=tuple(static_broadcasted_argnums))
   return jax.pmap(
@@ -226,7 +79,7 @@ def pmap_step(step_fn: Callable, *, donate_state: bool = True,
 def pmap_fn(fn: Callable, **kwargs) -> Callable:
   """pmaps a pure function that donates nothing (evaluation, scoring, sampling); in
   mesh mode, jits it (`in_axes` has no meaning there: every argument is global)."""
-  if _LAYOUT.is_mesh and kwargs.get("devices") is None:
+  if layout().is_mesh and kwargs.get("devices") is None:
     return _mesh_jit(fn, static_argnums=tuple(kwargs.get("static_broadcasted_argnums", ())))
   return jax.pmap(_traced_as(_traced_in_current_order(fn)),
                   axis_name=BATCH_AXIS, **kwargs)
@@ -235,7 +88,7 @@ def pmap_fn(fn: Callable, **kwargs) -> Callable:
 def _mesh_jit(fn: Callable, **kwargs) -> Callable:
   """jit: the arguments carry their shardings (`replicate`, `device_put_sharded`), and
   XLA partitions the program to match."""
-  return jax.jit(_traced_as(fn, mesh_layout=_LAYOUT), **kwargs)
+  return jax.jit(_traced_as(fn, mesh_layout=layout()), **kwargs)
 
 
 # While jax traces a step: None when it sees one device's rows (pmap), else the mesh
@@ -286,7 +139,7 @@ def _global_from_host(x: Any, sharding) -> jax.Array:
 def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
   """Copies a host pytree onto every local device (leading axis = local devices); in
   mesh mode, places it split over `fsdp` (`param_spec`) with no leading axis."""
-  if _LAYOUT.is_mesh and devices is None:
+  if layout().is_mesh and devices is None:
     return jax.tree_util.tree_map(
         lambda x: _global_from_host(x, param_sharding(np.shape(x))), jax.device_get(tree))
   sharding, n = _leading_axis_sharding(devices)
@@ -357,9 +210,9 @@ def device_put_sharded(tree: Any, devices: Sequence[Any] | None = None,
   `row_axis`: where a device's rows sit in what the step sees, for stacked batches:
   host [local_devices, updates, per_device, ...] with row_axis=1 becomes the mesh's
   [updates, global rows, ...]."""
-  if _LAYOUT.is_mesh and devices is None:
+  if layout().is_mesh and devices is None:
     spec = jax.sharding.PartitionSpec(*([None] * row_axis), MESH_AXES)
-    sharding = jax.sharding.NamedSharding(_LAYOUT.mesh, spec)
+    sharding = jax.sharding.NamedSharding(layout().mesh, spec)
 
     def put(x):
       x = np.moveaxis(np.asarray(x), 0, row_axis)  # [..., local_devices, per_device, ...]
