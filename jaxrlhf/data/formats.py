@@ -396,65 +396,16 @@ PARSERS: dict[str, Callable[[dict, Source], Example]] = {
 # ---------------------------------------------------------------------------
 # Reading files.
 
-def _field_with_bad_bytes(value: Any, path: str) -> str | None:
-  """Finds the JSON field holding undecodable bytes (kept as lone surrogates)."""
-  if isinstance(value, str):
-    return path if any("\udc80" <= c <= "\udcff" for c in value) else None
-  if isinstance(value, dict):
-    for key, item in value.items():
-      key_path = key if not path else f"{path}.{key}"
-      found = _field_with_bad_bytes(key, key_path) or _field_with_bad_bytes(item, key_path)
-      if found:
-        return found
-  if isinstance(value, list):
-    for i, item in enumerate(value):
-      found = _field_with_bad_bytes(item, f"{path}[{i}]")
-      if found:
-        return found
-  return None
-
-
-def _decode_json_line(raw: bytes, source: Source) -> Any:
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    # Decode leniently only to name the field that holds the bad bytes.
-    lenient = raw.decode("utf-8", errors="surrogateescape")
-    try:
-      field = _field_with_bad_bytes(json.loads(lenient), "") or "<line>"
-    except json.JSONDecodeError:
-      field = "<line>"
-    # A field name may hold the bad bytes itself: show them escaped (\xd2), since a
-    # message with lone surrogates cannot be printed or written as UTF-8.
-    try:
-      field = field.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate JSON escape ("\ud800") in the name as well
-      field = field.encode("utf-8", "backslashreplace").decode("utf-8")
-    raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source=source,
-                    field=field, reason="not_utf8") from None
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", source=source,
-                    field="<json>", reason="malformed_json") from None
-
-
-def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, start=1):
-      yield number, raw.rstrip(b"\r\n")
-
-
 def _json_rows(path: str, plain_text: bool) -> Iterator[tuple[Source, Callable[[], Any] | None]]:
   """(source, record loader) per line; None for a blank line."""
-  for number, raw in _raw_lines(path):
+  for number, raw in sources.raw_lines(path):
     source = Source(path, number)
     if not raw.strip():
       yield source, None
     elif plain_text:
       yield source, (lambda raw=raw, source=source: _plain_text(raw, source))
     else:
-      yield source, (lambda raw=raw, source=source: _decode_json_line(raw, source))
+      yield source, (lambda raw=raw, source=source: sources.decode_json_line(raw, source))
 
 
 def _plain_text(raw: bytes, source: Source) -> Text:

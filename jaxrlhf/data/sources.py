@@ -6,6 +6,7 @@ store them) and the field mapping applied to every record before it is parsed
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -132,3 +133,58 @@ def rename_fields(record: Any, fields: Mapping[str, str], source: Source) -> Any
                         reason="field_mapping")
       out[dst] = record[src]
   return out
+
+
+# ---------------------------------------------------------------------------
+# JSON lines.
+
+def _field_with_bad_bytes(value: Any, path: str) -> str | None:
+  """Finds the JSON field holding undecodable bytes (kept as lone surrogates)."""
+  if isinstance(value, str):
+    return path if any("\udc80" <= c <= "\udcff" for c in value) else None
+  if isinstance(value, dict):
+    for key, item in value.items():
+      key_path = key if not path else f"{path}.{key}"
+      found = _field_with_bad_bytes(key, key_path) or _field_with_bad_bytes(item, key_path)
+      if found:
+        return found
+  if isinstance(value, list):
+    for i, item in enumerate(value):
+      found = _field_with_bad_bytes(item, f"{path}[{i}]")
+      if found:
+        return found
+  return None
+
+
+def decode_json_line(raw: bytes, source: Source) -> Any:
+  """One JSONL line's record; a DataError naming the field with bytes that are not
+  UTF-8, or the column of malformed JSON."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    # Decode leniently only to name the field that holds the bad bytes.
+    lenient = raw.decode("utf-8", errors="surrogateescape")
+    try:
+      field = _field_with_bad_bytes(json.loads(lenient), "") or "<line>"
+    except json.JSONDecodeError:
+      field = "<line>"
+    # A field name may hold the bad bytes itself: show them escaped (\xd2), since a
+    # message with lone surrogates cannot be printed or written as UTF-8.
+    try:
+      field = field.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate JSON escape ("\ud800") in the name as well
+      field = field.encode("utf-8", "backslashreplace").decode("utf-8")
+    raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source=source,
+                    field=field, reason="not_utf8") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", source=source,
+                    field="<json>", reason="malformed_json") from None
+
+
+def raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+  """(line number from 1, the line's bytes without its end) of a text file."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      yield number, raw.rstrip(b"\r\n")
