@@ -13,6 +13,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -70,12 +71,61 @@ def canonical_layers(state: Any) -> tuple[Any, Any]:
   return canonical, back
 
 
+_WEIGHT = 2654435761  # Knuth's multiplicative constant: position weights mod 2**32
+
+
+def _unsigned_bits(x):
+  """x's bits as unsigned integers of its width (bool as 0/1), numpy or jax alike."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  dtype = np.dtype(x.dtype)
+  if dtype == np.bool_:
+    return x.astype(xp.uint32)
+  # 8-byte values (host-only: jax runs without x64) count as two 32-bit words.
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[dtype.itemsize]
+  if isinstance(x, jax.Array):
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return np.ascontiguousarray(x).reshape(-1).view(unsigned).astype(np.uint32)
+
+
+@jax.jit
+def _device_sum32(x: jax.Array) -> jax.Array:
+  bits = _unsigned_bits(x)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(x.ndim)):  # the row-major position, built where x lies
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride)
+    stride *= x.shape[d]
+  return jnp.sum(bits * (index * jnp.uint32(_WEIGHT) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+def _sum32(x: Any) -> int:
+  """sum over positions i of bits_i * (i * _WEIGHT + 1), mod 2**32: an integer sum, so
+  the same however the array is split over devices and processes, computed where the
+  array lies (a sharded array is never gathered for it)."""
+  if isinstance(x, jax.Array):
+    return int(np.asarray(_device_sum32(x)))
+  bits = _unsigned_bits(np.asarray(x)).reshape(-1)
+  index = np.arange(bits.size, dtype=np.uint32)
+  weights = index * np.uint32(_WEIGHT) + np.uint32(1)  # wraps mod 2**32, as on device
+  return int(np.sum(bits * weights, dtype=np.uint32))
+
+
 def checksums(state: Any) -> dict[str, str]:
-  """'dtype:CRC-32' of every array's bytes in a host state, by its path in the tree:
-  written with each checkpoint and compared on restore, so flipped bytes that leave every
-  file its size (and orbax reading it happily) are caught."""
+  """'dtype:sum32:N' of every array of a state (host or device arrays), by its path in
+  the tree: written with each checkpoint and compared on restore, so flipped bytes that
+  leave every file its size (and orbax reading it happily) are caught, whatever layout
+  wrote or reads the checkpoint."""
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    leaf = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    out[jax.tree_util.keystr(path)] = f"{np.dtype(leaf.dtype)}:sum32:{_sum32(leaf)}"
+  return out
+
+
+def _crc_checksums(state: Any) -> dict[str, str]:
+  """The 'dtype:CRC-32' form that checkpoints written before sum32 hold (host arrays)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
     array = np.ascontiguousarray(np.asarray(leaf))
     crc = zlib.crc32(array.reshape(-1).view(np.uint8).data)
     out[jax.tree_util.keystr(path)] = f"{array.dtype}:{crc}"
@@ -110,8 +160,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_state: Any = None,
            extra: dict | None = None) -> None:
-    """Saves an unreplicated host `state`; every process must call this."""
-    state, _ = canonical_layers(jax.device_get(state))
+    """Saves `state`: host arrays (pmap's unreplicated state), or global device arrays
+    split over devices and processes (mesh mode), each process writing its own shards.
+    Every process must call this."""
+    state, _ = canonical_layers(state)
     extra = {**(extra or {}), CHECKSUMS_KEY: checksums(state)}
     self._manager.save(
         int(step),
@@ -123,18 +175,26 @@ class Checkpointer:
         force=True)
     self._manager.wait_until_finished()
 
-  def restore(self, state_template: Any, step: int | None = None):
+  def restore(self, state_template: Any, step: int | None = None, *,
+              shardings: Any = None):
     """Returns (state, data_state, extra, step) from the newest readable checkpoint.
 
     Returns None when the directory holds no checkpoint. A checkpoint that fails to
     restore (truncated, corrupted, or arrays whose checksums differ from those written
-    with it) is reported and the previous one is tried.
+    with it) is reported and the previous one is tried. The state comes back as host
+    arrays, or with `shardings` (a function of an array's shape, as
+    parallel.checkpoint_shardings gives) as global arrays read straight into that split.
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     template = jax.tree_util.tree_map(
         lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "shape") else x,
-        jax.device_get(state_template))
+        jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+                               if hasattr(x, "dtype") else x, state_template))
     template, own_layers = canonical_layers(template)
+    if shardings is not None:  # the layers one by one: their split follows their shape
+      template = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings(x.shape))
+          if hasattr(x, "shape") else x, template)
     errors = []
     for candidate in steps:
       try:
@@ -204,7 +264,8 @@ def _verify(state: Any, extra: dict) -> None:
   if saved is None:
     logging.info("checkpoint without checksums: restored unverified")
     return
-  now = checksums(state)
+  old_form = any(":sum32:" not in str(v) for v in saved.values())
+  now = _crc_checksums(state) if old_form else checksums(state)
   # An array restored into another dtype (the config changed it) was cast by orbax and
   # cannot be compared; the stage names such changes itself.
   differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)

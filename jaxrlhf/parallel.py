@@ -140,8 +140,14 @@ def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
   """Copies a host pytree onto every local device (leading axis = local devices); in
   mesh mode, places it split over `fsdp` (`param_spec`) with no leading axis."""
   if layout().is_mesh and devices is None:
+    # Arrays already on the mesh (a state restored sharded from a checkpoint) move to
+    # their split without a trip through the host, as copies: the step donates them.
+    mesh_devices = set(layout().mesh.devices.flat)
+    on_mesh = lambda x: (isinstance(x, jax.Array) and not _is_pmapped(x)
+                         and x.sharding.device_set == mesh_devices)
     return jax.tree_util.tree_map(
-        lambda x: _global_from_host(x, param_sharding(np.shape(x))), jax.device_get(tree))
+        lambda x: jax.device_put(x, param_sharding(x.shape), may_alias=False) if on_mesh(x)
+        else _global_from_host(jax.device_get(x), param_sharding(np.shape(x))), tree)
   sharding, n = _leading_axis_sharding(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
@@ -173,6 +179,23 @@ def unreplicate(tree: Any) -> Any:
   mode, gathers each array whole."""
   return jax.tree_util.tree_map(
       lambda x: jax.device_get(x[0]) if _is_pmapped(x) else _whole(x), tree)
+
+
+def for_checkpoint(tree: Any) -> Any:
+  """What a checkpoint saves of a placed state: under pmap, device 0's copy on the host;
+  in mesh mode the global arrays as they lie, each process writing its own shards
+  (nothing is gathered whole)."""
+  return tree if layout().is_mesh else unreplicate(tree)
+
+
+def checkpoint_shardings() -> Callable[[Sequence[int]], Any] | None:
+  """How a checkpoint is restored: in mesh mode a function of an array's shape giving
+  its fsdp split, so each array is read straight into it (each process reads its own
+  shards), whatever layout wrote the checkpoint; None under pmap (host arrays)."""
+  if not layout().is_mesh:
+    return None
+  lay = layout()
+  return lambda shape: param_sharding(shape, lay)
 
 
 def shard(tree: Any, num_devices: int | None = None) -> Any:

@@ -87,7 +87,8 @@ class Stage:
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.workdir / "checkpoints", save_every=self.config.checkpoint_every,
         keep=self.config.keep_checkpoints)
-    restored = self.checkpointer.restore(state)
+    restored = self.checkpointer.restore(state,
+                                         shardings=parallel.checkpoint_shardings())
     if restored is not None:
       self._check_same_shapes(state, restored[0], restored[3])
       state, data_state, _, step = restored

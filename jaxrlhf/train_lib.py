@@ -238,7 +238,7 @@ def run_loop(*, rstate: Any, step_fn: Callable, next_batch: Callable[[], tuple],
       stop = watcher.should_stop(step)  # agreed by every process
       if checkpointer.should_save(step) or is_last or stop:
         flush_metrics()  # never checkpoint a state whose steps we have not checked
-        checkpointer.save(step, parallel.unreplicate(rstate),
+        checkpointer.save(step, parallel.for_checkpoint(rstate),
                           data_state=data_state_fn() if data_state_fn else None)
       t_window = time.perf_counter()  # a flush above counted up to its own call
       if stop and not is_last:

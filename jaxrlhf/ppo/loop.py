@@ -73,7 +73,7 @@ def restore_or_keep(checkpointer: checkpoint_lib.Checkpointer, state: ppo_state.
                     prompt_iter, ptx_iter) -> tuple[ppo_state.PPOState, int]:
   """(state, iteration) from the newest checkpoint, iterators moved to where it stopped;
   (state, 0) unchanged if the workdir holds none."""
-  restored = checkpointer.restore(state)
+  restored = checkpointer.restore(state, shardings=parallel.checkpoint_shardings())
   if restored is None:
     return state, 0
   state, saved_data, _, iteration = restored
