@@ -118,6 +118,14 @@ def _runs(root):
   out["outputs"]["sft_mesh"] = job("experiments.sft", "configs/sft.py:test",
                                    short_sft | MESH, root / "two" / "sft_mesh",
                                    flags=()).wait()
+  # Its checkpoint, written shard by shard by both processes, read back by both processes
+  # into the mesh (each its own shards), then by one process under pmap (whole arrays).
+  out["outputs"]["sft_mesh_again"] = job("experiments.sft", "configs/sft.py:test",
+                                         short_sft | MESH, root / "two" / "sft_mesh",
+                                         flags=()).wait()
+  out["outputs"]["sft_mesh_on_pmap"] = job("experiments.sft", "configs/sft.py:test",
+                                           short_sft, root / "two" / "sft_mesh",
+                                           num_processes=1).wait()
   out["outputs"]["ppo_mesh"] = job("experiments.ppo", "configs/ppo.py:test",
                                    _ppo(world, policy, reward) | MESH,
                                    root / "two" / "ppo_mesh", flags=()).wait()
@@ -177,6 +185,16 @@ def test_two_process_mesh_matches_one_process_pmap(multihost_runs, stage, refere
   diff = _max_param_difference(runs["root"] / "one" / reference / "hf",
                                runs["root"] / "two" / stage / "hf")
   assert diff < 1e-5, (stage, diff)  # measured: 1.2e-7 for both
+
+
+def test_a_sharded_checkpoint_restores_on_the_mesh_and_on_one_process(multihost_runs):
+  outputs = multihost_runs["outputs"]
+  for name, logs in (("two processes, mesh", outputs["sft_mesh_again"]),
+                     ("one process, pmap", outputs["sft_mesh_on_pmap"])):
+    for log in logs:
+      assert f"Resuming sft from step {MESH_SFT_STEPS}" in log, name
+      assert "unreadable" not in log, name  # no checkpoint failed its checksums or read
+    assert "already finished" in logs[0], name  # process 0's console
 
 
 def test_collectives_own_order_differs_only_by_rounding(multihost_runs):
