@@ -128,6 +128,7 @@ class PolicyRow:
   ci95: tuple[float, float] | None
   likert: float | None
   exact_correct: float | None
+  hallucination: float | None  # closed-domain: answers holding a symbol not in the input
   kl: float | None
   pretrain_nll: float | None
   alignment_tax: float | None
@@ -150,7 +151,7 @@ class Evaluation:
       rows.append(PolicyRow(
           name=name, win_rate=e.get("win_rate"), ci95=tuple(ci) if ci else None,
           likert=e.get("likert"), exact_correct=e.get("exact_correct"),
-          kl=e.get("kl_from_reference"), pretrain_nll=e.get("pretrain_nll"),
+          hallucination=e.get("hallucination"), kl=e.get("kl_from_reference"), pretrain_nll=e.get("pretrain_nll"),
           alignment_tax=e.get("alignment_tax")))
     return cls(baseline=s["baseline"], judge=s["judge"], num_prompts=s["num_prompts"],
                rows=tuple(rows))
@@ -172,6 +173,8 @@ class Evaluation:
       extra = []
       if row.likert is not None:
         extra.append(f"Likert {row.likert:.2f}, exact {row.exact_correct:.2f}")
+      if row.hallucination is not None:
+        extra.append(f"made up {row.hallucination:.2f}")
       if row.kl is not None:
         extra.append(f"KL {row.kl:.2f}")
       if row.pretrain_nll is not None:

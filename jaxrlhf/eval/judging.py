@@ -150,13 +150,23 @@ def task_table(metas: list[dict], run: policy_runs.PolicyRun) -> dict:
   likert = np.array([labeler_lib.score_from_terms(t) for t in terms], np.float64)
   # Exactly right is full correctness credit (a response with no answer gets 0).
   correct = np.array([t["correct"] == 1.0 for t in terms], np.float64)
+  # Closed-domain hallucination: the share of answers to tasks whose answer must come
+  # from the input that hold a symbol the input does not (None where no such task).
+  made_up = [tasks_lib.hallucinated(m, labeler_lib.answer_words(t, bool(s)))
+             for m, t, s in zip(metas, run.texts, run.stopped)]
   tasks = np.array([m["task"] for m in metas])
   per_task = {}
   for task in sorted(set(tasks.tolist())):
     rows = tasks == task
     per_task[task] = {"likert": float(likert[rows].mean()),
                       "exact_correct": float(correct[rows].mean()), "n": int(rows.sum())}
+    if task in tasks_lib.CLOSED_DOMAIN_TASKS:
+      per_task[task]["hallucination"] = float(np.mean(
+          [made_up[i] for i in np.flatnonzero(rows)]))
+  closed = [h for h in made_up if h is not None]
   return {"likert": float(likert.mean()), "exact_correct": float(correct.mean()),
+          "hallucination": float(np.mean(closed)) if closed else None,
+          "hallucination_n": len(closed),
           "quality_terms": {name: float(np.mean([t[name] for t in terms]))
                             for name in labeler_lib.WEIGHTS},
           "per_task": per_task}

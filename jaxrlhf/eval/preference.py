@@ -242,9 +242,15 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for i in _spread(len(prompts), config.num_sample_texts)]
   results["seconds"] = time.time() - t0
   if jax.process_index() == 0:
+    # With the world's prompts, each answer carries what the labeler records of it
+    # (its Likert rating and closed-domain hallucination), as the paper's labelers did.
     records = ({"prompt": _prompt_record(p), **({"meta": p.meta} if p.meta else {}),
                 "responses": {name: run.texts[i] for name, run in runs.items()},
-                "stopped": {name: bool(run.stopped[i]) for name, run in runs.items()}}
+                "stopped": {name: bool(run.stopped[i]) for name, run in runs.items()},
+                **({"labeler": {name: labeler_lib.metadata(p.meta, run.texts[i],
+                                                           bool(run.stopped[i]))
+                                for name, run in runs.items()}} if use_labeler and p.meta
+                   else {})}
                for i, p in enumerate(prompts))
     formats.write_jsonl(str(workdir / "responses.jsonl"), records)
     checkpoint_lib.save_json(workdir / "results.json", results)

@@ -179,9 +179,9 @@ def write_plots(report_dir: epath.Path, results: dict, histories: dict) -> list[
 def _main_table(results: dict) -> list[str]:
   lines = [
       f"| policy | win rate vs {results['baseline']} (95% CI) | RM-judged win rate | "
-      "Likert (1-7) | exact correct | KL from SFT | held-out text NLL | alignment tax | "
-      "RM score | length | stopped |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "Likert (1-7) | exact correct | closed-domain hallucination | KL from SFT | "
+      "held-out text NLL | alignment tax | RM score | length | stopped |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name in policy_names(results):
     e = results["policies"][name]
@@ -196,7 +196,8 @@ def _main_table(results: dict) -> list[str]:
     label = f"{name} (few-shot)" if e.get("few_shot") else name
     lines.append(
         f"| {label} | {rate} | {rm_rate} | {_fmt(e.get('likert'), 2)} | "
-        f"{_fmt(e.get('exact_correct'), 2)} | {_fmt(e.get('kl_from_reference'), 2)} | "
+        f"{_fmt(e.get('exact_correct'), 2)} | {_fmt(e.get('hallucination'), 2)} | "
+        f"{_fmt(e.get('kl_from_reference'), 2)} | "
         f"{_fmt(e.get('pretrain_nll'))} | {tax_text} | {_fmt(e.get('rm_score'), 2)} | "
         f"{_fmt(e.get('response_length'), 1)} | {_fmt(e.get('stopped_fraction'), 2)} |")
   return lines
@@ -216,6 +217,30 @@ def _task_table(results: dict) -> list[str]:
       cells.append("–" if cell is None else
                    f"{cell['likert']:.2f} / {100 * cell['exact_correct']:.0f}%")
     count = results["policies"][names[0]]["per_task"].get(task, {}).get("n", 0)
+    lines.append(f"| {task} | {count} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _hallucination_table(results: dict) -> list[str]:
+  """Per policy and closed-domain task: the share of answers with a made-up symbol."""
+  names = [n for n in policy_names(results)
+           if results["policies"][n].get("hallucination") is not None]
+  if not names:
+    return []
+  tasks = sorted({t for n in names for t, c in results["policies"][n]["per_task"].items()
+                  if "hallucination" in c})
+  lines = ["| instruction | n | " + " | ".join(names) + " |",
+           "|---|---|" + "---|" * len(names)]
+  for task in tasks + ["all closed-domain"]:
+    cells = []
+    for n in names:
+      e = results["policies"][n]
+      value = e["hallucination"] if task == "all closed-domain" else (
+          e["per_task"].get(task, {}).get("hallucination"))
+      cells.append("–" if value is None else f"{100 * value:.1f}%")
+    first = results["policies"][names[0]]
+    count = (first.get("hallucination_n", 0) if task == "all closed-domain"
+             else first["per_task"][task]["n"])
     lines.append(f"| {task} | {count} | " + " | ".join(cells) + " |")
   return lines
 
@@ -326,6 +351,16 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
   tasks = _task_table(results)
   if tasks:
     lines += ["## Per instruction type (Likert / exact correct)", "", *tasks, ""]
+  made_up = _hallucination_table(results)
+  if made_up:
+    lines += ["## Closed-domain hallucination",
+              "",
+              "Share of answers, to the instructions whose answer must come from the "
+              "input, that hold a symbol the input does not (the paper's closed-domain "
+              "hallucination: about 41% for GPT-3 and 21% for InstructGPT on its "
+              "summarisation and closed-domain QA prompts). The labeler records it beside "
+              "its rating (`evaluate/responses.jsonl`, field `labeler`).",
+              "", *made_up, ""]
   terms = _terms_table(results)
   if terms:
     lines += ["## What the labeler rewards",

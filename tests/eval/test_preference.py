@@ -105,6 +105,29 @@ def test_task_table_gives_gold_answers_full_marks_per_instruction():
   assert terms["correct"] == 1.0 and terms["concise"] == 0.0
 
 
+def test_closed_domain_hallucination_is_a_symbol_the_input_does_not_hold():
+  reverse = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
+  assert tasks.hallucinated(reverse, ["c", "b", "a"]) is False
+  assert tasks.hallucinated(reverse, ["c", "d", "a"]) is True  # d is not in the input
+  assert tasks.hallucinated(reverse, []) is False  # nothing said, nothing made up
+  upper = {"task": "upper", "items": ["a", "b"], "arg": None}
+  assert tasks.hallucinated(upper, ["A", "B"]) is False
+  assert tasks.hallucinated(upper, ["A", "C"]) is True
+  assert tasks.hallucinated({"task": "add", "items": ["2", "3"], "arg": None}, ["7"]) is None
+  meta = labeler_lib.metadata(reverse, "c d a . done", True)
+  assert meta == {"likert": labeler_lib.score(reverse, "c d a . done", True),
+                  "hallucination": True}
+  metas = _metas(40)
+  gold = judging.task_table(metas, _run("gold", [" ".join(tasks.answer(m)) for m in metas]))
+  closed = [m for m in metas if m["task"] in tasks.CLOSED_DOMAIN_TASKS]
+  assert gold["hallucination"] == 0.0 and gold["hallucination_n"] == len(closed) > 0
+  made_up = judging.task_table(metas, _run("made_up", ["j j j j j j j"] * 40))
+  for task, cell in made_up["per_task"].items():
+    assert ("hallucination" in cell) == (task in tasks.CLOSED_DOMAIN_TASKS)
+  expected = np.mean([m["task"] == "upper" or "j" not in m["items"] for m in closed])
+  assert made_up["hallucination"] == pytest.approx(expected)
+
+
 def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
   metas = _metas(6)
   records = []
@@ -290,16 +313,24 @@ def test_evaluate_stage_judges_every_policy_against_sft(chain):
   for entry in policies.values():
     assert 1.0 <= entry["likert"] <= 7.0
     assert sum(c["n"] for c in entry["per_task"].values()) == results["num_prompts"]
+    assert entry["hallucination_n"] > 0 and 0.0 <= entry["hallucination"] <= 1.0
   lines = (chain["root"] / "evaluate" / "responses.jsonl").read_text().splitlines()
   assert len(lines) == results["num_prompts"]
-  assert set(json.loads(lines[0])["responses"]) == set(policies)
+  first = json.loads(lines[0])
+  assert set(first["responses"]) == set(first["labeler"]) == set(policies)
+  recorded = [json.loads(line)["labeler"]["sft"] for line in lines]
+  assert all(1 <= r["likert"] <= 7 for r in recorded)
+  closed = [r["hallucination"] for r in recorded if r["hallucination"] is not None]
+  assert len(closed) == policies["sft"]["hallucination_n"]
+  assert np.mean(closed) == pytest.approx(policies["sft"]["hallucination"])
 
 
 def test_report_has_the_table_plots_and_tensorboard_images(chain):
   root = chain["root"]
   text = (root / "report.md").read_text()
-  for heading in ("## Results", "## Per instruction type", "## What the labeler rewards",
-                  "## Stages", "## Plots", "## Sample answers"):
+  for heading in ("## Results", "## Per instruction type", "## Closed-domain hallucination",
+                  "## What the labeler rewards", "## Stages", "## Plots",
+                  "## Sample answers"):
     assert heading in text, heading
   for name in ("sft", "ppo", "ppo_ptx", "base_few_shot (few-shot)"):
     assert f"| {name} |" in text, name

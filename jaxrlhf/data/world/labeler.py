@@ -80,6 +80,15 @@ def quality_terms(meta: dict[str, Any], response: str, stopped: bool | None = Tr
           "concise": 1.0 - min(extra, 2) / 2}
 
 
+def metadata(meta: dict[str, Any], response: str, stopped: bool | None = True
+             ) -> dict[str, Any]:
+  """What the labeler records of one response, as the paper's labelers did beside
+  their rating: the 1-7 Likert rating (without noise) and, for a closed-domain task,
+  whether the answer makes up a symbol the input does not hold (None otherwise)."""
+  return {"likert": score(meta, response, stopped),
+          "hallucination": tasks.hallucinated(meta, answer_words(response, stopped))}
+
+
 def weighted_quality(terms: dict[str, float]) -> float:
   """Latent quality in [0, 1] from `quality_terms`; see the module docstring."""
   return sum(WEIGHTS[name] * value for name, value in terms.items())

@@ -32,6 +32,11 @@ PROMPT_STYLES = ("", "please ", "can you ")
 # What a chatty writer tacks on after an answer; the labeler counts it as extra.
 FILLERS = (". done", ". ok", ". hope this helps", ". is that ok", "; ok , done")
 NUMERIC_TASKS = frozenset({"add", "count", "max"})
+# Tasks whose answer is made of the input's own symbols (for `upper`, their upper-case
+# forms): an answer symbol from anywhere else is a closed-domain hallucination, the
+# paper's "information not present in the input". `add` and `count` answer with new
+# numbers, so nothing in their answers can be told apart as made up.
+CLOSED_DOMAIN_TASKS = frozenset({"reverse", "sort", "first", "remove", "upper", "max"})
 
 
 def _symbols(rng: np.random.Generator, alphabet: Sequence[str], n: int) -> list[str]:
@@ -127,6 +132,18 @@ def _as_number(tokens: Sequence[str]) -> int | None:
   if len(tokens) == 2 and tokens[0] == "0":
     return None
   return int("".join(tokens))
+
+
+def hallucinated(meta: dict[str, Any], predicted: Sequence[str]) -> bool | None:
+  """Whether an answer to a closed-domain task holds a symbol that its input does not;
+  None for the other tasks."""
+  task = meta["task"]
+  if task not in CLOSED_DOMAIN_TASKS:
+    return None
+  allowed = set(meta["items"])
+  if task == "upper":
+    allowed = {s.upper() for s in allowed}
+  return any(p not in allowed for p in predicted)
 
 
 def correctness(meta: dict[str, Any], predicted: Sequence[str]) -> float:
