@@ -194,7 +194,8 @@ def pair_difference(terms_a: dict[str, float], terms_b: dict[str, float]) -> str
 
 def reward_model_check(rankings_file: str, model, params, tokenizer, *,
                        max_prompt_len: int, max_response_len: int,
-                       per_device_batch_size: int) -> dict:
+                       per_device_batch_size: int,
+                       held_out: labeler_lib.Labeler | None = None, seed: int = 0) -> dict:
   """How often the reward model and the recorded (noisy) ranks order a pair of responses
   as the labeler's noiseless latent quality does, on world rankings.
 
@@ -204,6 +205,11 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
   `by_difference` splits the reward model's pairs by which of the labeler's terms tell
   them apart (see `PAIR_DIFFERENCES`): a reward model that orders `form` pairs but not
   `content` pairs rewards dropping filler and cannot teach PPO to answer right.
+
+  With a `held_out` labeler (one of a group that made no training data), the same
+  responses are ranked again by it, and the reward model's accuracy on those rankings
+  (`rm_vs_held_out_labelers`) stands beside its accuracy on the recorded ranks of the
+  training labelers (`rm_vs_training_labelers`), both over the pairs each does not tie.
   """
   rankings, metas = [], []
   for record in formats.read_examples("prompts", rankings_file):  # one read: prompt + meta
@@ -220,6 +226,8 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
       model, params, tokenizer, pairs, max_prompt_len=max_prompt_len,
       max_response_len=max_response_len, per_device_batch_size=per_device_batch_size)
   rm_right, ranks_right = [], []
+  vs_training, vs_held_out = [], []
+  rng = np.random.default_rng([seed, 4521])
   by_difference = {name: [] for name in PAIR_DIFFERENCES}
   start = 0
   for ranking, meta in zip(rankings, metas):
@@ -228,7 +236,12 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
     latent = [labeler_lib.weighted_quality(t) for t in terms]
     score, ranks = scores[start:start + k], ranking.ranks
     start += k
+    other = None if held_out is None else held_out.rank(meta, ranking.responses, rng)
     for a, b in itertools.combinations(range(k), 2):
+      if ranks[a] != ranks[b]:
+        vs_training.append((score[a] > score[b]) == (ranks[a] < ranks[b]))
+      if other is not None and other[a] != other[b]:
+        vs_held_out.append((score[a] > score[b]) == (other[a] < other[b]))
       if latent[a] == latent[b]:
         continue
       truth = latent[a] > latent[b]
@@ -241,6 +254,10 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
           "rm_vs_noiseless": float(np.mean(rm_right)) if rm_right else None,
           "ranks_vs_noiseless": float(np.mean(ranks_right)) if ranks_right else None,
           "untied_rank_pairs": len(ranks_right),
+          "rm_vs_training_labelers": float(np.mean(vs_training)) if vs_training else None,
+          "training_labeler_pairs": len(vs_training),
+          "rm_vs_held_out_labelers": float(np.mean(vs_held_out)) if vs_held_out else None,
+          "held_out_labeler_pairs": len(vs_held_out),
           "by_difference": {
               name: {"pairs": len(right),
                      "rm_vs_noiseless": float(np.mean(right)) if right else None}

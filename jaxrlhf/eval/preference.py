@@ -179,6 +179,8 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Judging -------------------------------------------------------------------------
   baseline = runs[config.baseline]
   labeler = _world_labeler(config) if use_labeler else None
+  # A labeler of a group that wrote no training data (own weights and noise).
+  held_out = labeler_lib.Labeler.held_out(seed=config.seed + 1) if use_labeler else None
   results = {
       "judge": config.judge, "baseline": config.baseline,
       "reference": config.reference or None, "num_prompts": len(prompts),
@@ -203,6 +205,8 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if use_labeler:
         entry["labeler"] = judging.win_rate(judging.labeler_outcomes(labeler, metas, run,
                                                                      baseline, config.seed))
+        entry["held_out_labelers"] = judging.win_rate(judging.labeler_outcomes(
+            held_out, metas, run, baseline, config.seed + 1))
       if run.rm_scores is not None:
         entry["rm_judged"] = judging.win_rate(judging.score_outcomes(run.rm_scores,
                                                                      baseline.rm_scores))
@@ -233,7 +237,7 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["reward_model_check"] = judging.reward_model_check(
         config.rankings_file, rm_model, rm_params, tokenizer,
         max_prompt_len=config.max_prompt_len, max_response_len=config.max_response_len,
-        per_device_batch_size=per_device)
+        per_device_batch_size=per_device, held_out=held_out, seed=config.seed)
 
   # --- Outputs -------------------------------------------------------------------------
   results["samples"] = [

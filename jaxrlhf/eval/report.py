@@ -245,6 +245,32 @@ def _hallucination_table(results: dict) -> list[str]:
   return lines
 
 
+def _held_out_lines(results: dict) -> list[str]:
+  """Win rates judged by a labeler group that wrote no training data, and the reward
+  model's accuracy on its rankings against the training labelers'."""
+  names = [n for n in policy_names(results) if results["policies"][n].get("held_out_labelers")]
+  if not names:
+    return []
+  weights = ", ".join(f"{k} {v}" for k, v in labeler_lib.HELD_OUT_WEIGHTS.items())
+  lines = [f"A second group of simulated labelers, who made none of the training data, "
+           f"with weights of their own ({weights}) and their own calibrated noise, judges "
+           "the same answers.", "",
+           f"| policy | win rate vs {results['baseline']}, training labelers | "
+           "held-out labelers |", "|---|---|---|"]
+  for n in names:
+    e = results["policies"][n]
+    lines.append(f"| {n} | {_pct(e['labeler']['win_rate'], e['labeler']['ci95'])} | "
+                 f"{_pct(e['held_out_labelers']['win_rate'], e['held_out_labelers']['ci95'])} |")
+  check = results.get("reward_model_check") or {}
+  if check.get("rm_vs_held_out_labelers") is not None:
+    lines += ["", f"The reward model agrees with **{_fmt(check['rm_vs_held_out_labelers'])}** "
+              f"of the held-out labelers' {check['held_out_labeler_pairs']} untied pairs of "
+              f"`{check['file']}` and with {_fmt(check['rm_vs_training_labelers'])} of the "
+              f"training labelers' {check['training_labeler_pairs']} (the paper: "
+              "69.6 ± 0.9% on held-out labelers, 72.4 ± 0.4% on training labelers)."]
+  return lines
+
+
 def _terms_table(results: dict) -> list[str]:
   """Mean of each term of the labeler's latent quality, per policy (labeled prompts)."""
   names = [n for n in policy_names(results) if "quality_terms" in results["policies"][n]]
@@ -386,6 +412,9 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
     if parts:
       lines += ["By what tells the pair apart, it orders " + "; ".join(parts) + "."]
     lines.append("")
+  held = _held_out_lines(results)
+  if held:
+    lines += ["## Held-out labelers", "", *held, ""]
   headroom = _headroom_lines(results)
   if headroom:
     lines += ["## How far the reward model can take the baseline", "", *headroom]

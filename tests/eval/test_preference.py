@@ -144,8 +144,16 @@ def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
   params = models.init_params(model, jax.random.key(0))
   check = judging.reward_model_check(str(path), model, params, tokenizer,
                                      max_prompt_len=8, max_response_len=8,
-                                     per_device_batch_size=2)
+                                     per_device_batch_size=2,
+                                     held_out=labeler_lib.Labeler.held_out())
   assert check["pairs"] == 6 and check["untied_rank_pairs"] == 6
+  # Against the recorded ranks: right on the records where they agree with the noiseless
+  # quality exactly where it is right against that quality, so 1 - the two disagree.
+  assert check["training_labeler_pairs"] == 6
+  assert check["rm_vs_training_labelers"] in {i / 6 for i in range(7)}
+  assert 0 <= check["held_out_labeler_pairs"] <= 6
+  if check["held_out_labeler_pairs"]:
+    assert 0.0 <= check["rm_vs_held_out_labelers"] <= 1.0
   assert check["ranks_vs_noiseless"] == 0.5
   assert check["rm_vs_noiseless"] in {i / 6 for i in range(7)}
   # right vs right + filler differ only in form
@@ -157,6 +165,23 @@ def test_reward_model_check_counts_orders_against_noiseless_quality(tmp_path):
   with pytest.raises(ValueError, match=r"rankings.jsonl:1: field 'task' missing"):
     judging.reward_model_check(str(path), model, params, tokenizer, max_prompt_len=8,
                                max_response_len=8, per_device_batch_size=2)
+
+
+def test_held_out_labelers_weigh_and_err_in_their_own_way():
+  held_out, training = labeler_lib.Labeler.held_out(), labeler_lib.Labeler.calibrated(0.73)
+  assert held_out.weight_map == labeler_lib.HELD_OUT_WEIGHTS != training.weight_map
+  assert sum(labeler_lib.HELD_OUT_WEIGHTS.values()) == pytest.approx(1.0)
+  # Two of them agree on about 73% of distinct policy-like pairs, as two training ones do.
+  pairs = labeler_lib.reference_comparisons(3000, seed=11)
+  assert labeler_lib.measure_agreement(held_out, pairs) == pytest.approx(0.73, abs=0.03)
+  # Right but chatty: the held-out group, weighing conciseness more, rates it lower.
+  meta = {"task": "reverse", "items": ["a", "b", "c"], "arg": None}
+  chatty = "c b a . hope this helps"
+  assert (labeler_lib.latent_score(meta, chatty, weights=held_out.weight_map)
+          < labeler_lib.latent_score(meta, chatty, weights=training.weight_map))
+  wrong_but_terse = "c a b"  # two of three in place, stopped, nothing extra
+  assert held_out.score(meta, wrong_but_terse) >= training.score(meta, wrong_but_terse)
+  assert held_out.score(meta, "c b a") == training.score(meta, "c b a") == 7
 
 
 def test_best_of_n_picks_by_reward_model_and_by_labeler():
@@ -314,6 +339,9 @@ def test_evaluate_stage_judges_every_policy_against_sft(chain):
     assert 1.0 <= entry["likert"] <= 7.0
     assert sum(c["n"] for c in entry["per_task"].values()) == results["num_prompts"]
     assert entry["hallucination_n"] > 0 and 0.0 <= entry["hallucination"] <= 1.0
+  for name in ("ppo", "ppo_ptx", "base_few_shot"):
+    held = policies[name]["held_out_labelers"]
+    assert held["n"] == results["num_prompts"] and 0.0 <= held["win_rate"] <= 1.0
   lines = (chain["root"] / "evaluate" / "responses.jsonl").read_text().splitlines()
   assert len(lines) == results["num_prompts"]
   first = json.loads(lines[0])
@@ -329,14 +357,18 @@ def test_report_has_the_table_plots_and_tensorboard_images(chain):
   root = chain["root"]
   text = (root / "report.md").read_text()
   for heading in ("## Results", "## Per instruction type", "## Closed-domain hallucination",
-                  "## What the labeler rewards", "## Stages", "## Plots",
-                  "## Sample answers"):
+                  "## What the labeler rewards", "## Held-out labelers", "## Stages",
+                  "## Plots", "## Sample answers"):
     assert heading in text, heading
   for name in ("sft", "ppo", "ppo_ptx", "base_few_shot (few-shot)"):
     assert f"| {name} |" in text, name
   assert "reward model**: held-out pairwise accuracy" in text
   check = json.loads((root / "evaluate" / "results.json").read_text())["reward_model_check"]
   assert check["pairs"] > 0 and 0.0 <= check["rm_vs_noiseless"] <= 1.0
+  assert check["held_out_labeler_pairs"] > 0
+  assert 0.0 <= check["rm_vs_held_out_labelers"] <= 1.0
+  assert 0.0 <= check["rm_vs_training_labelers"] <= 1.0
+  assert "The reward model agrees with" in text
   assert "the reward model orders" in text
   results = json.loads((root / "evaluate" / "results.json").read_text())
   best = results["best_of_n"]

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from jaxrlhf.data.world import tasks
 
 WEIGHTS = {"correct": 0.5, "constraint": 0.1, "stopped": 0.2, "concise": 0.2}
+# The held-out group (`Labeler.held_out`): labelers who wrote no training data, with
+# weights of their own (less on the answer being right, more on its form) and noise
+# calibrated for them, as the paper checks its reward models on labelers who made none
+# of their training comparisons.
+HELD_OUT_WEIGHTS = {"correct": 0.4, "constraint": 0.15, "stopped": 0.2, "concise": 0.25}
 EOS_WORD, PAD_WORD = "<eos>", "<pad>"
 
 
@@ -89,22 +94,27 @@ def metadata(meta: dict[str, Any], response: str, stopped: bool | None = True
           "hallucination": tasks.hallucinated(meta, answer_words(response, stopped))}
 
 
-def weighted_quality(terms: dict[str, float]) -> float:
-  """Latent quality in [0, 1] from `quality_terms`; see the module docstring."""
-  return sum(WEIGHTS[name] * value for name, value in terms.items())
+def weighted_quality(terms: dict[str, float],
+                     weights: Mapping[str, float] | None = None) -> float:
+  """Latent quality in [0, 1] from `quality_terms`, with `weights` (the training
+  labelers' WEIGHTS by default); see the module docstring."""
+  weights = WEIGHTS if weights is None else weights
+  return sum(weights[name] * value for name, value in terms.items())
 
 
-def quality(meta: dict[str, Any], response: str, stopped: bool | None = True) -> float:
+def quality(meta: dict[str, Any], response: str, stopped: bool | None = True,
+            weights: Mapping[str, float] | None = None) -> float:
   """Latent quality in [0, 1]; see the module docstring for the weights."""
-  return weighted_quality(quality_terms(meta, response, stopped))
+  return weighted_quality(quality_terms(meta, response, stopped), weights)
 
 
 def _likert(latent: np.ndarray | float) -> np.ndarray:
   return np.clip(np.floor(np.asarray(latent) + 0.5), 1, 7).astype(np.int32)
 
 
-def latent_score(meta: dict[str, Any], response: str, stopped: bool | None = True) -> float:
-  return 1.0 + 6.0 * quality(meta, response, stopped)
+def latent_score(meta: dict[str, Any], response: str, stopped: bool | None = True,
+                 weights: Mapping[str, float] | None = None) -> float:
+  return 1.0 + 6.0 * quality(meta, response, stopped, weights)
 
 
 def score(meta: dict[str, Any], response: str, stopped: bool | None = True) -> int:
@@ -168,11 +178,15 @@ def reference_comparisons(num_pairs: int, seed: int) -> list[tuple[dict, tuple[s
 
 
 @functools.lru_cache(maxsize=16)
-def calibrate_noise_scale(agreement: float, seed: int = 0, num_pairs: int = 20000) -> float:
-  """Noise scale at which two labelers agree on `agreement` of reference comparisons."""
+def calibrate_noise_scale(agreement: float, seed: int = 0, num_pairs: int = 20000,
+                          weights: tuple[tuple[str, float], ...] = ()) -> float:
+  """Noise scale at which two labelers with `weights` (() = WEIGHTS) agree on
+  `agreement` of reference comparisons."""
   pairs = reference_comparisons(num_pairs, seed)
+  w = dict(weights) or None
   return noise_scale_for_agreement(
-      agreement, [(latent_score(m, *a), latent_score(m, *b)) for m, a, b in pairs], seed)
+      agreement, [(latent_score(m, *a, weights=w), latent_score(m, *b, weights=w))
+                  for m, a, b in pairs], seed)
 
 
 def noise_scale_for_agreement(agreement: float, latent_pairs: Sequence[tuple[float, float]],
@@ -202,13 +216,30 @@ def noise_scale_for_agreement(agreement: float, latent_pairs: Sequence[tuple[flo
 
 @dataclasses.dataclass(frozen=True)
 class Labeler:
-  """A noisy labeler. Draw independent labelers by passing independent rngs."""
+  """A noisy labeler. Draw independent labelers by passing independent rngs.
+
+  `weights` (name, weight) pairs replace WEIGHTS for a labeler group of its own (the
+  held-out labelers); empty: the training labelers'.
+  """
   noise_scale: float
+  weights: tuple[tuple[str, float], ...] = ()
+
+  @property
+  def weight_map(self) -> dict[str, float]:
+    return dict(self.weights) or WEIGHTS
 
   @classmethod
   def calibrated(cls, agreement: float = 0.73, seed: int = 0) -> Labeler:
     """Calibrated on `reference_comparisons`, policy-like responses of every quality."""
     return cls(calibrate_noise_scale(float(agreement), int(seed)))
+
+  @classmethod
+  def held_out(cls, agreement: float = 0.73, seed: int = 1) -> Labeler:
+    """A labeler of the held-out group: HELD_OUT_WEIGHTS, its noise calibrated so that
+    two of them agree on `agreement` of the reference comparisons."""
+    weights = tuple(HELD_OUT_WEIGHTS.items())
+    return cls(calibrate_noise_scale(float(agreement), int(seed), weights=weights),
+               weights=weights)
 
   @classmethod
   def calibrated_on(cls, comparisons: Sequence[tuple[dict, tuple[str, bool], tuple[str, bool]]],
@@ -219,7 +250,7 @@ class Labeler:
     return cls(noise_scale_for_agreement(agreement, latents, seed, identical))
 
   def score(self, meta: dict[str, Any], response: str, stopped: bool | None = True) -> int:
-    return score(meta, response, stopped)
+    return int(_likert(latent_score(meta, response, stopped, self.weight_map)))
 
   def ratings(self, meta: dict[str, Any], responses: Sequence[str], rng: np.random.Generator,
               stopped: Sequence[bool | None] | None = None) -> list[int]:
@@ -229,7 +260,8 @@ class Labeler:
     first = {}  # reading -> its first (response, stopped), in order of appearance
     for key, response, stop in zip(readings, responses, stopped):
       first.setdefault(key, (response, stop))
-    latents = np.array([latent_score(meta, r, s) for r, s in first.values()])
+    latents = np.array([latent_score(meta, r, s, self.weight_map)
+                        for r, s in first.values()])
     noisy = _likert(latents + self.noise_scale * rng.standard_normal(latents.shape))
     rating = dict(zip(first, noisy.tolist()))
     return [rating[key] for key in readings]
