@@ -414,9 +414,13 @@ def prompt_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageD
       for batch in eval_loader:
         device, host = data_pkg.split_host_fields(batch)
         device["valid"] = (np.asarray(host["index"]) >= 0).astype(np.int32)
+        # Which held-out prompt each row is (-1: padding): evaluators that judge the
+        # answers with the prompt's hidden task (the world's labeler) look it up.
+        device["index"] = np.asarray(host["index"])
         cache.append(device)
     return cache
 
   return StageData(train_iter=loader, num_train_examples=len(train),
                    seq_len=lengths.prompt + lengths.response, eval_batches=eval_batches,
-                   parse_stats=parse_stats)
+                   parse_stats=parse_stats,
+                   extra={"eval_metas": [getattr(p, "meta", None) for p in valid]})

@@ -114,9 +114,14 @@ def best_of_n(candidates: list[policy_runs.PolicyRun], metas: list[dict],
       chosen_stopped = [stopped[i][j] for i, j in enumerate(pick)]
       outcome = win_rate(judge_answers(labeler, metas, f"best_of_{n}", chosen_texts,
                                        chosen_stopped, baseline, seed))
-      rows.append({"win_rate": outcome["win_rate"], "ci95": outcome["ci95"],
-                   "correct": float(np.mean([terms[i][j]["correct"]
-                                             for i, j in enumerate(pick)]))})
+      row = {"win_rate": outcome["win_rate"], "ci95": outcome["ci95"],
+             "correct": float(np.mean([terms[i][j]["correct"] for i, j in enumerate(pick)])),
+             # gold: the labeler's noiseless latent quality (1-7) of the picks
+             "gold": float(np.mean([1.0 + 6.0 * latent[i, j] for i, j in enumerate(pick)]))}
+      if "reward_model" in pickers:  # proxy: the reward model's score of the picks
+        row["rm_score"] = float(np.mean([pickers["reward_model"][i, j]
+                                         for i, j in enumerate(pick)]))
+      rows.append(row)
     out[picker] = rows
   return out
 

@@ -244,6 +244,9 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       {"prompt": _prompt_record(prompts[i]),
        "responses": {name: run.texts[i] for name, run in runs.items()}}
       for i in _spread(len(prompts), config.num_sample_texts)]
+  from jaxrlhf.eval import report  # pylint: disable=g-import-not-at-top
+  pipeline_dir = epath.Path(config.pipeline_dir) if config.pipeline_dir else None
+  results["gold_vs_proxy"] = report.gold_vs_proxy(report.ppo_histories(pipeline_dir), results)
   results["seconds"] = time.time() - t0
   if jax.process_index() == 0:
     # With the world's prompts, each answer carries what the labeler records of it
@@ -258,7 +261,6 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
                for i, p in enumerate(prompts))
     formats.write_jsonl(str(workdir / "responses.jsonl"), records)
     checkpoint_lib.save_json(workdir / "results.json", results)
-    from jaxrlhf.eval import report  # pylint: disable=g-import-not-at-top
     report_dir = epath.Path(config.report_dir) if config.report_dir else workdir
     results["report"] = str(report.write_report(report_dir, results,
                                                 pipeline_dir=config.pipeline_dir or None))

@@ -24,7 +24,7 @@ from jaxrlhf import summaries as summaries_lib  # noqa: E402
 from jaxrlhf.data.world import labeler as labeler_lib  # noqa: E402
 
 PPO_STAGES = ("ppo", "ppo_ptx")
-PLOTS = ("ppo_curves.png", "frontier.png", "win_rates.png")
+PLOTS = ("ppo_curves.png", "frontier.png", "gold_vs_proxy.png", "win_rates.png")
 # One colour per policy across every figure (PPO stages and the evaluated policies share
 # names); others take the next unused colour.
 _COLORS = {"sft": "tab:gray", "ppo": "tab:blue", "ppo_ptx": "tab:orange",
@@ -130,6 +130,44 @@ def figure_frontier(histories: dict[str, list[dict]], results: dict):
   return fig
 
 
+def gold_vs_proxy(histories: dict[str, list[dict]], results: dict) -> dict:
+  """The reward model's score (proxy) and the labeler's noiseless latent quality (gold,
+  1-7) against KL from SFT: at each held-out evaluation of each PPO run, and for the
+  reward model's best of n SFT answers (KL: the best-of-n bound). Where the two part, the
+  policy is optimising the reward model past what it knows (Gao et al. 2022)."""
+  out = {}
+  for stage, rows in histories.items():
+    points = [{"iteration": r["step"], "kl": r["eval_policy_kl_k1"],
+               "proxy": r["eval_policy_score"], "gold": r["eval_policy_gold"]}
+              for r in rows if all(isinstance(r.get(k), (int, float)) for k in (
+                  "eval_policy_kl_k1", "eval_policy_score", "eval_policy_gold"))]
+    if points:
+      out[stage] = points
+  best = results.get("best_of_n") or {}
+  picks = best.get("reward_model") or []
+  if picks and all("rm_score" in p for p in picks):
+    out["best_of_n"] = [{"n": n, "kl": kl, "proxy": p["rm_score"], "gold": p["gold"]}
+                        for n, kl, p in zip(best["n"], best["kl_bound"], picks)]
+  return out
+
+
+def figure_gold_vs_proxy(curves: dict):
+  """Proxy (reward-model score) and gold (labeler's latent quality) against KL."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, key, title in ((axes[0], "proxy", "proxy: reward-model score"),
+                         (axes[1], "gold", "gold: labeler's latent quality (1-7)")):
+    for name, points in curves.items():
+      ax.plot([p["kl"] for p in points], [p[key] for p in points],
+              "s--" if name == "best_of_n" else "o-", markersize=3,
+              color=color(name), label=name.replace("_", "-"))
+    ax.set_xlabel("KL from SFT (nats per answer)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def figure_win_rates(results: dict):
   """Win rate against the baseline with 95% intervals; the baseline's 50% line."""
   names = [n for n in policy_names(results)
@@ -161,6 +199,9 @@ def write_plots(report_dir: epath.Path, results: dict, histories: dict) -> list[
     figures["frontier.png"] = figure_frontier(histories, results)
   else:
     figures["frontier.png"] = figure_frontier({}, results)
+  curves = results.get("gold_vs_proxy") or gold_vs_proxy(histories, results)
+  if curves:
+    figures["gold_vs_proxy.png"] = figure_gold_vs_proxy(curves)
   tb = SummaryWriter(logdir=str(report_dir / "tb"))
   written = []
   for name, fig in figures.items():
@@ -268,6 +309,21 @@ def _held_out_lines(results: dict) -> list[str]:
               f"`{check['file']}` and with {_fmt(check['rm_vs_training_labelers'])} of the "
               f"training labelers' {check['training_labeler_pairs']} (the paper: "
               "69.6 ± 0.9% on held-out labelers, 72.4 ± 0.4% on training labelers)."]
+  return lines
+
+
+def _gold_lines(curves: dict) -> list[str]:
+  if not curves:
+    return []
+  lines = ["The reward model's score (proxy) and the labeler's noiseless latent quality "
+           "(gold, 1-7) of held-out answers, against KL from SFT: over PPO iterations, and "
+           "for the reward model's best of n SFT answers. Where proxy keeps rising and gold "
+           "does not, the policy optimises the reward model past what it knows.", "",
+           "| run | at | KL | proxy | gold |", "|---|---|---|---|---|"]
+  for name, points in curves.items():
+    for p in points:
+      at = f"n = {p['n']}" if "n" in p else f"iteration {p['iteration']}"
+      lines.append(f"| {name} | {at} | {p['kl']:.3f} | {p['proxy']:.3f} | {p['gold']:.3f} |")
   return lines
 
 
@@ -415,6 +471,9 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
   held = _held_out_lines(results)
   if held:
     lines += ["## Held-out labelers", "", *held, ""]
+  gold = _gold_lines(results.get("gold_vs_proxy") or gold_vs_proxy(histories, results))
+  if gold:
+    lines += ["## Gold against proxy", "", *gold, ""]
   headroom = _headroom_lines(results)
   if headroom:
     lines += ["## How far the reward model can take the baseline", "", *headroom]
@@ -424,6 +483,7 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
   lines += ["## Plots", ""]
   titles = {"ppo_curves.png": "PPO and PPO-ptx over iterations",
             "frontier.png": "Score against KL from SFT",
+            "gold_vs_proxy.png": "Gold and proxy against KL from SFT",
             "win_rates.png": "Win rates with 95% intervals"}
   for name in PLOTS:
     if name in plots:

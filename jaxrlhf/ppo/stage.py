@@ -27,6 +27,7 @@ from jaxrlhf import parallel
 from jaxrlhf import scoring
 from jaxrlhf import stage_lib
 from jaxrlhf import train_lib
+from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.ppo import loop as loop_lib
 from jaxrlhf.ppo import rollout as rollout_lib
 from jaxrlhf.ppo import state as ppo_state
@@ -99,9 +100,15 @@ def _take(iterable, n: int):
 
 
 def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
-             num_texts: int = 0) -> tuple[dict, list[str]]:
-  """Means of `rollout_lib.evaluate_step` over host prompt batches, and a few decoded responses."""
-  totals, texts = None, []
+             num_texts: int = 0, metas: list | None = None) -> tuple[dict, list[str]]:
+  """Means of `rollout_lib.evaluate_step` over host prompt batches, and a few decoded
+  responses.
+
+  With `metas` (the held-out prompts' hidden world tasks, by the batches' `index`), also
+  `gold`: the mean of the world labeler's noiseless latent quality (1-7) of the answers,
+  the true objective that the reward model's `score` stands in for.
+  """
+  totals, texts, gold = None, [], []
   for batch in batches:
     device_batch = loop_lib.device_prompts(batch)
     if "valid" in batch:
@@ -109,6 +116,12 @@ def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
     sums, (ids, mask) = eval_step_p(rparams, rstate, train_lib.put_batch(device_batch))
     sums = parallel.fetch(sums)
     totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    if metas is not None and "index" in batch:
+      rows, row_masks = parallel.unshard((ids, mask))
+      for i, r, rm in zip(np.asarray(batch["index"]).reshape(-1), rows, row_masks):
+        if i >= 0 and metas[i] is not None:
+          gold.append(labeler_lib.latent_score(metas[i], tokenizer.decode(r[rm > 0].tolist()),
+                                               None))
     if tokenizer is not None and len(texts) < num_texts:
       ids, mask = parallel.unshard((ids, mask))
       prompts = parallel.unshard(device_batch)
@@ -118,14 +131,18 @@ def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
                        f"{tokenizer.decode(r[rm > 0].tolist())!r}")
   if totals is None:
     return {}, texts
-  return {name: float(s.total / max(s.count, 1.0)) for name, s in totals.items()}, texts
+  means = {name: float(s.total / max(s.count, 1.0)) for name, s in totals.items()}
+  if gold:
+    means["gold"] = float(np.mean(gold))
+  return means, texts
 
 
 @dataclasses.dataclass
 class HeldOutRollouts:
   """The policy's (`params(rstate)`) answers to held-out prompts, scored by the reward
-  model with the KL from SFT (`eval_<name>_score`, `eval_<name>_kl_k1`, ...); a few
-  decoded answers go to TensorBoard."""
+  model with the KL from SFT (`eval_<name>_score`, `eval_<name>_kl_k1`, ...); with the
+  world's prompts, also by the labeler's noiseless quality (`eval_<name>_gold`: gold
+  against the reward model's proxy). A few decoded answers go to TensorBoard."""
   eval_step_p: Any
   batches: Any
   name: str
@@ -133,10 +150,11 @@ class HeldOutRollouts:
   tokenizer: Any
   num_texts: int
   writer: Any
+  metas: list | None = None
 
   def run(self, rstate, step):
     means, texts = evaluate(self.eval_step_p, self.params(rstate), rstate, self.batches(),
-                            self.tokenizer, self.num_texts)
+                            self.tokenizer, self.num_texts, self.metas)
     if texts:
       self.writer.write_texts(step, {f"sample_{i}": t for i, t in enumerate(texts)})
     return {f"eval_{self.name}_{k}": v for k, v in means.items()}
@@ -234,6 +252,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def eval_batches():
     return _take(prompt_data.eval_batches(), config.num_eval_batches)
 
+  # The world's held-out prompts carry their hidden task: their answers are also judged
+  # by the labeler's noiseless quality (gold), beside the reward model (proxy).
+  metas = prompt_data.eval_metas
+  world_metas = metas if metas and all(m and "task" in m for m in metas) else None
+
   # The policy and its EMA, each on held-out prompts (and held-out text for the
   # alignment tax): eval_policy_* and eval_ema_*.
   eval_list = []
@@ -241,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        ("ema", lambda rstate: rstate.ema_params)):
     eval_list.append(HeldOutRollouts(
         eval_step_p, eval_batches, name=name, params=params, tokenizer=tokenizer,
-        num_texts=config.num_sample_texts if name == "ema" else 0, writer=writer))
+        num_texts=config.num_sample_texts if name == "ema" else 0, writer=writer,
+        metas=world_metas))
     if pretrain_data is not None:
       eval_list.append(evaluators.HeldOutNLL(
           nll_step_p, pretrain_data.eval_batches, params=params,

@@ -203,6 +203,10 @@ def test_best_of_n_picks_by_reward_model_and_by_labeler():
   wrong_correct = np.mean([tasks.correctness(m, w.split()) for m, w in zip(metas, wrong)])
   assert table["reward_model"][1]["correct"] == pytest.approx(wrong_correct)
   assert table["labeler"][1]["win_rate"] > table["reward_model"][1]["win_rate"] + 0.3
+  # Proxy and gold of the picks: the reward model's best of 2 scores 1.0 on its own scale
+  # and worse on the labeler's than the labeler's own pick.
+  assert table["reward_model"][1]["rm_score"] == 1.0
+  assert table["reward_model"][1]["gold"] < table["labeler"][1]["gold"] <= 7.0
   for c in candidates:
     c.rm_scores = None
   assert "reward_model" not in judging.best_of_n(candidates, metas, labeler, baseline, 0)
@@ -377,6 +381,17 @@ def test_report_has_the_table_plots_and_tensorboard_images(chain):
   assert set(results["reference_answers"]) == {"right_answer", "baseline_without_extra"}
   assert "## How far the reward model can take the baseline" in text
   assert "| 2 | 0.19 |" in text
+  # Gold against proxy: every held-out evaluation of both PPO runs, and best-of-n.
+  curves = results["gold_vs_proxy"]
+  assert set(curves) == {"ppo", "ppo_ptx", "best_of_n"}
+  for name in ("ppo", "ppo_ptx"):
+    rows = [r for r in json.loads("[" + ",".join(
+        (root / name / "metrics.jsonl").read_text().splitlines()) + "]")
+        if "eval_policy_gold" in r]
+    assert [p["iteration"] for p in curves[name]] == [r["step"] for r in rows] != []
+    assert all(1.0 <= p["gold"] <= 7.0 for p in curves[name])
+  assert [p["n"] for p in curves["best_of_n"]] == best["n"]
+  assert "## Gold against proxy" in text and "| ppo_ptx | iteration " in text
   split = check["by_difference"]
   assert sum(group["pairs"] for group in split.values()) == check["pairs"]
   for name, group in split.items():
