@@ -61,7 +61,8 @@ def test_quickstart_runs_the_pipeline_and_shows_the_report(chain, tmp_path):
   assert "sft: already finished" in text and "evaluate: running" in text
   for name in ("ppo", "ppo_ptx", "base_few_shot"):
     assert f"{name:>14}: win rate" in text
-  assert count_images(notebook) == 3
+  from jaxrlhf.eval import report  # pylint: disable=g-import-not-at-top
+  assert count_images(notebook) == len(report.PLOTS) == 4  # gold against proxy included
   assert (workdir / "report.md").exists()
 
 

@@ -267,3 +267,24 @@ def reward_model_check(rankings_file: str, model, params, tokenizer, *,
               name: {"pairs": len(right),
                      "rm_vs_noiseless": float(np.mean(right)) if right else None}
               for name, right in by_difference.items()}}
+
+
+def gold_vs_proxy(histories: dict[str, list[dict]], results: dict) -> dict:
+  """The reward model's score (proxy) and the labeler's noiseless latent quality (gold,
+  1-7) against KL from SFT: at each held-out evaluation of each PPO run, and for the
+  reward model's best of n SFT answers (KL: the best-of-n bound). Where the two part, the
+  policy is optimising the reward model past what it knows (Gao et al. 2022)."""
+  out = {}
+  for stage, rows in histories.items():
+    points = [{"iteration": r["step"], "kl": r["eval_policy_kl_k1"],
+               "proxy": r["eval_policy_score"], "gold": r["eval_policy_gold"]}
+              for r in rows if all(isinstance(r.get(k), (int, float)) for k in (
+                  "eval_policy_kl_k1", "eval_policy_score", "eval_policy_gold"))]
+    if points:
+      out[stage] = points
+  best = results.get("best_of_n") or {}
+  picks = best.get("reward_model") or []
+  if picks and all("rm_score" in p for p in picks):
+    out["best_of_n"] = [{"n": n, "kl": kl, "proxy": p["rm_score"], "gold": p["gold"]}
+                        for n, kl, p in zip(best["n"], best["kl_bound"], picks)]
+  return out

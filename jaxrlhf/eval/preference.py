@@ -246,7 +246,8 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for i in _spread(len(prompts), config.num_sample_texts)]
   from jaxrlhf.eval import report  # pylint: disable=g-import-not-at-top
   pipeline_dir = epath.Path(config.pipeline_dir) if config.pipeline_dir else None
-  results["gold_vs_proxy"] = report.gold_vs_proxy(report.ppo_histories(pipeline_dir), results)
+  results["gold_vs_proxy"] = judging.gold_vs_proxy(report.ppo_histories(pipeline_dir),
+                                                   results)
   results["seconds"] = time.time() - t0
   if jax.process_index() == 0:
     # With the world's prompts, each answer carries what the labeler records of it

@@ -22,6 +22,7 @@ from etils import epath  # noqa: E402
 from jaxrlhf import metrics as metrics_lib  # noqa: E402
 from jaxrlhf import summaries as summaries_lib  # noqa: E402
 from jaxrlhf.data.world import labeler as labeler_lib  # noqa: E402
+from jaxrlhf.eval import judging  # noqa: E402
 
 PPO_STAGES = ("ppo", "ppo_ptx")
 PLOTS = ("ppo_curves.png", "frontier.png", "gold_vs_proxy.png", "win_rates.png")
@@ -130,27 +131,6 @@ def figure_frontier(histories: dict[str, list[dict]], results: dict):
   return fig
 
 
-def gold_vs_proxy(histories: dict[str, list[dict]], results: dict) -> dict:
-  """The reward model's score (proxy) and the labeler's noiseless latent quality (gold,
-  1-7) against KL from SFT: at each held-out evaluation of each PPO run, and for the
-  reward model's best of n SFT answers (KL: the best-of-n bound). Where the two part, the
-  policy is optimising the reward model past what it knows (Gao et al. 2022)."""
-  out = {}
-  for stage, rows in histories.items():
-    points = [{"iteration": r["step"], "kl": r["eval_policy_kl_k1"],
-               "proxy": r["eval_policy_score"], "gold": r["eval_policy_gold"]}
-              for r in rows if all(isinstance(r.get(k), (int, float)) for k in (
-                  "eval_policy_kl_k1", "eval_policy_score", "eval_policy_gold"))]
-    if points:
-      out[stage] = points
-  best = results.get("best_of_n") or {}
-  picks = best.get("reward_model") or []
-  if picks and all("rm_score" in p for p in picks):
-    out["best_of_n"] = [{"n": n, "kl": kl, "proxy": p["rm_score"], "gold": p["gold"]}
-                        for n, kl, p in zip(best["n"], best["kl_bound"], picks)]
-  return out
-
-
 def figure_gold_vs_proxy(curves: dict):
   """Proxy (reward-model score) and gold (labeler's latent quality) against KL."""
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -199,7 +179,7 @@ def write_plots(report_dir: epath.Path, results: dict, histories: dict) -> list[
     figures["frontier.png"] = figure_frontier(histories, results)
   else:
     figures["frontier.png"] = figure_frontier({}, results)
-  curves = results.get("gold_vs_proxy") or gold_vs_proxy(histories, results)
+  curves = results.get("gold_vs_proxy") or judging.gold_vs_proxy(histories, results)
   if curves:
     figures["gold_vs_proxy.png"] = figure_gold_vs_proxy(curves)
   tb = SummaryWriter(logdir=str(report_dir / "tb"))
@@ -471,7 +451,8 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
   held = _held_out_lines(results)
   if held:
     lines += ["## Held-out labelers", "", *held, ""]
-  gold = _gold_lines(results.get("gold_vs_proxy") or gold_vs_proxy(histories, results))
+  gold = _gold_lines(results.get("gold_vs_proxy")
+                     or judging.gold_vs_proxy(histories, results))
   if gold:
     lines += ["## Gold against proxy", "", *gold, ""]
   headroom = _headroom_lines(results)
