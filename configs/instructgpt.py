@@ -25,7 +25,7 @@ def get_config(arg=None):
   if variant not in ("tiny", "test"):
     raise ValueError(f"configs/instructgpt.py: unknown variant {variant!r}; use tiny or test")
   config = ml_collections.ConfigDict()
-  config.stages = ("pretrain", "sft", "rankings", "reward_model", "ppo", "ppo_ptx",
+  config.stages = ("pretrain", "sft", "flan", "rankings", "reward_model", "ppo", "ppo_ptx",
                    "evaluate")  # Run in order.
   # Added to every training stage's own seed (init, data order, sampling); the world
   # (config.world.seed) and the evaluation's sampling and labeler noise stay fixed, so
@@ -39,6 +39,9 @@ def get_config(arg=None):
   config.world = config_lib.world_config(scale=0.002 if variant == "test" else 0.05)
   config.pretrain = pretrain_config.get_config(variant)
   config.sft = sft_config.get_config(variant)
+  # The FLAN/T0-style baseline: SFT's settings and budget on the public-task collection.
+  config.flan = sft_config.get_config(variant)
+  config.flan.stage = "flan"
   config.rankings = rankings_config.get_config(variant)
   config.reward_model = rm_config.get_config(variant)
   config.ppo = ppo_config.get_config(variant)

@@ -1,5 +1,5 @@
-"""The whole recipe in one run: pretrain -> SFT -> rankings -> reward model -> PPO -> PPO-ptx
--> evaluate.
+"""The whole recipe in one run: pretrain -> SFT -> FLAN baseline -> rankings -> reward model
+-> PPO -> PPO-ptx -> evaluate.
 
 Each stage runs in its own sub-directory of the workdir and reads the previous stages'
 Hugging Face exports. A stage whose `summary.json` exists is skipped; an interrupted one
@@ -25,6 +25,9 @@ from jaxrlhf import summaries as summaries_lib
 STAGES = {
     "pretrain": ("jaxrlhf.sft", "train_and_evaluate", None),
     "sft": ("jaxrlhf.sft", "train_and_evaluate", "pretrain"),
+    # The paper's FLAN / T0 baseline: the base model fine-tuned, with SFT's budget, on
+    # the world's public-task collection instead of the users' demonstrations.
+    "flan": ("jaxrlhf.sft", "train_and_evaluate", "pretrain"),
     "rankings": ("jaxrlhf.rankings", "collect", "sft"),
     "reward_model": ("jaxrlhf.reward_model", "train_and_evaluate", "sft"),
     "ppo": ("jaxrlhf.ppo", "train_and_evaluate", "sft"),
@@ -33,7 +36,7 @@ STAGES = {
 }
 # Policies the evaluate stage compares, in table order: (name, stage, export directory).
 EVALUATED_POLICIES = (("sft", "sft", "hf"), ("ppo", "ppo", "hf_ema"),
-                      ("ppo_ptx", "ppo_ptx", "hf_ema"))
+                      ("ppo_ptx", "ppo_ptx", "hf_ema"), ("flan", "flan", "hf"))
 
 
 def _set_parallel(stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict):

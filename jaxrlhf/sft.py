@@ -61,7 +61,8 @@ def stage_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> data_li
   """The stage's text (pretraining) or demonstrations (SFT): `config.data`'s two files,
   or the embedded world's where both are empty."""
   pretrain = config.stage == "pretrain"
-  dataset = "pretrain" if pretrain else "sft"
+  # 'flan': the world's "public NLP tasks" collection, the paper's FLAN/T0 baseline.
+  dataset = "pretrain" if pretrain else ("flan" if config.stage == "flan" else "sft")
   train_file, valid_file = data_lib.files_or_world(
       config.data, workdir, dataset, train=config.data.train_file,
       valid=config.data.valid_file)

@@ -410,6 +410,11 @@ def write_report(report_dir, results: dict, pipeline_dir=None) -> epath.Path:
       *_main_table(results),
       "",
   ]
+  if "flan" in results["policies"]:
+    lines += ["`flan` is the paper's FLAN / T0 baseline: the base model fine-tuned, with "
+              "SFT's budget, on the world's public-task collection (the same tasks in fixed "
+              "academic templates, answered right) instead of the users' demonstrations.",
+              ""]
   tasks = _task_table(results)
   if tasks:
     lines += ["## Per instruction type (Likert / exact correct)", "", *tasks, ""]

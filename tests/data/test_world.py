@@ -25,7 +25,7 @@ def world_dir(tmp_path_factory):
 def test_same_seed_same_world_other_seed_other_world(world_dir, tmp_path):
   again = str(tmp_path / "again")
   world.write_world(TINY, again)
-  for dataset in ("pretrain", "sft", "rm", "ppo"):
+  for dataset in ("pretrain", "sft", "flan", "rm", "ppo"):
     for name in os.listdir(os.path.join(world_dir, dataset)):
       assert filecmp.cmp(os.path.join(world_dir, dataset, name),
                          os.path.join(again, dataset, name), shallow=False), (dataset, name)
@@ -65,7 +65,8 @@ def test_world_files_load_through_the_ordinary_loaders_within_budget(world_dir, 
   encoder = data.Encoder(tokenizer)
   unk = tokenizer.unk_token_id
   for kind, path in (("demonstrations", "sft/train.jsonl"), ("prompts", "ppo/test.jsonl"),
-                     ("prompts", "rm/train.jsonl"), ("text", "pretrain/train.jsonl")):
+                     ("prompts", "rm/train.jsonl"), ("text", "pretrain/train.jsonl"),
+                     ("demonstrations", "flan/train.jsonl")):
     stats = data.DataStats()
     examples = data.read_examples(kind, os.path.join(world_dir, path), stats=stats)
     assert stats.num_skipped == 0
@@ -110,6 +111,24 @@ def test_qa_text_rate_zero_keeps_instruction_format_out_of_pretraining():
   assert " ".join(texts).count(" is ") > 2 * len(texts)
   with pytest.raises(ValueError, match="qa_text_rate"):
     world.WorldConfig(qa_text_rate=1.5)
+
+
+def test_public_tasks_are_every_task_in_academic_templates_answered_right(world_dir):
+  # The FLAN/T0-style collection: SFT's size, tasks in turn, no user's phrasing, the right
+  # answer with nothing after it.
+  records = [json.loads(line) for line in open(os.path.join(world_dir, "flan/train.jsonl"))]
+  sft = [json.loads(line) for line in open(os.path.join(world_dir, "sft/train.jsonl"))]
+  assert len(records) == len(sft)
+  counts = {t: sum(r["task"] == t for r in records) for t in tasks.TASKS}
+  assert max(counts.values()) - min(counts.values()) <= 1
+  user_prompts = {r["prompt"] for r in sft}
+  for r in records:
+    assert r["prompt"] == tasks.academic_prompt(r, r["template"])
+    assert r["prompt"].endswith(tasks.PROMPT_END) and r["prompt"] not in user_prompts
+    assert not r["prompt"].startswith(("please", "can you"))
+    assert not r["prompt"].startswith(tasks.instruction(r) + " :")  # the users' bare form
+    assert r["response"] == " ".join(tasks.answer(r)) and "user" not in r
+  assert {r["template"] for r in records} == set(range(len(tasks.ACADEMIC_TEMPLATES)))
 
 
 def test_demonstrations_are_mostly_right_but_imperfect(world_dir):

@@ -323,8 +323,15 @@ def test_kl_matches_a_numpy_log_softmax_and_batching_pads_nothing_in(tiny_policy
 def test_evaluate_stage_judges_every_policy_against_sft(chain):
   results = chain["evaluate"]
   policies = results["policies"]
-  assert list(policies) == ["sft", "ppo", "ppo_ptx", "base_few_shot"]
+  assert list(policies) == ["sft", "ppo", "ppo_ptx", "flan", "base_few_shot"]
   assert results["judge"] == "labeler" and results["baseline"] == "sft"
+  # The FLAN/T0-style baseline: the base model fine-tuned on the public-task collection,
+  # with SFT's budget, judged on the users' held-out prompts like the others.
+  assert policies["flan"]["path"].endswith("flan/hf")
+  assert "`flan` is the paper's FLAN / T0 baseline" in (chain["root"] / "report.md").read_text()
+  assert 0.0 <= policies["flan"]["win_rate"] <= 1.0
+  assert chain["flan"]["steps"] == chain["sft"]["steps"]
+  assert chain["flan"]["data"]["examples_read"] == chain["sft"]["data"]["examples_read"]
   assert policies["sft"]["win_rate"] is None
   assert policies["sft"]["kl_from_reference"] == 0.0
   assert policies["sft"]["alignment_tax"] == 0.0
@@ -448,6 +455,6 @@ def test_report_keeps_the_policy_order_through_a_sorted_json_file(chain, tmp_pat
   text = report.write_report(tmp_path, results).read_text()
   rows = [line.split("|")[1].strip() for line in text.splitlines()
           if line.startswith("| ") and "win rate" not in line][:4]
-  assert rows == ["sft", "ppo", "ppo_ptx", "base_few_shot (few-shot)"]
+  assert rows == ["sft", "ppo", "ppo_ptx", "flan"]
   header = next(line for line in text.splitlines() if line.startswith("| policy | c"))
   assert header == "| policy | " + " | ".join(labeler_lib.WEIGHTS) + " |"

@@ -108,6 +108,22 @@ def prompt_text(meta: dict[str, Any], style: int = 0) -> str:
   return f"{PROMPT_STYLES[style]}{instruction(meta)} : {' '.join(meta['items'])} {PROMPT_END}"
 
 
+# The "public NLP tasks" collection's templates (FLAN / T0 style): the same tasks asked
+# in fixed, academic phrasings, none of them a user's ("please", "can you", or the
+# users' bare "<instruction> : <items> ->").
+ACADEMIC_TEMPLATES = (
+    "{instruction} of list {items} ->",
+    "list {items} ; {instruction} ->",
+    "in : {items} . {instruction} ->",
+)
+
+
+def academic_prompt(meta: dict[str, Any], template: int) -> str:
+  """The task as a templated dataset example states it; PROMPT_END ends it too."""
+  return ACADEMIC_TEMPLATES[template].format(instruction=instruction(meta),
+                                             items=" ".join(meta["items"]))
+
+
 def web_statement(meta: dict[str, Any]) -> str:
   """The same fact as pretraining text states it, without the instruction format."""
   task, items, arg = meta["task"], " ".join(meta["items"]), meta.get("arg")

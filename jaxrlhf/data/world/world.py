@@ -18,6 +18,7 @@ data:
 
   pretrain/{train,validation}.jsonl     {"text"}
   sft/{train,validation,test}.jsonl     {"prompt", "response", + meta}
+  flan/{train,validation}.jsonl         {"prompt", "response", + meta}: "public NLP tasks"
   rm/{train,validation,test}.jsonl      {"prompt", + meta}   (to be sampled and ranked)
   ppo/{train,validation,test}.jsonl     {"prompt", + meta}   (test: final evaluation)
   world.json                            config, sizes, labeler noise scale
@@ -161,6 +162,24 @@ def _demonstrations(config: WorldConfig, prompts: list[dict], split: str) -> lis
   return records
 
 
+def _public_tasks(config: WorldConfig, split: str, count: int) -> list[dict[str, Any]]:
+  """The FLAN/T0-style collection: every task equally often, each example in one of the
+  fixed academic templates, answered right with nothing after it, from no user. A policy
+  fine-tuned on it (instead of the users' demonstrations) is the paper's FLAN and T0
+  baselines."""
+  rng = _rng(config, "public_tasks", split)
+  records = []
+  for i in range(count):
+    task = config.tasks[i % len(config.tasks)]
+    meta = tasks.sample_instance(task, rng)
+    template = int(rng.integers(len(tasks.ACADEMIC_TEMPLATES)))
+    records.append({"prompt": tasks.academic_prompt(meta, template), **meta,
+                    "response": " ".join(tasks.answer(meta)), "template": template,
+                    "id": f"flan-{split}-{i:06d}"})
+  order = rng.permutation(len(records))
+  return [records[j] for j in order]
+
+
 def _documents(config: WorldConfig, count: int, stream: str) -> list[dict[str, str]]:
   """Web text: runs of statements, each a fact about some list, and some bare lists."""
   rng = _rng(config, "pretrain", stream)
@@ -194,6 +213,9 @@ def generate_world(config: WorldConfig) -> dict[str, dict[str, list[dict[str, An
     world[dataset] = {split: _prompt_records(config, users, dataset, split) for split in SPLITS}
   world["sft"] = {split: _demonstrations(config, records, split)
                   for split, records in world["sft"].items()}
+  # As many examples as SFT's demonstrations: the same budget.
+  world["flan"] = {split: _public_tasks(config, split, len(world["sft"][split]))
+                   for split in ("train", "validation")}
   num_documents = max(1, round(config.pretrain_documents * config.scale))
   world["pretrain"] = {
       "train": _documents(config, num_documents, "train"),
