@@ -116,19 +116,22 @@ def evaluate(eval_step_p, rparams, rstate, batches, tokenizer=None,
     sums, (ids, mask) = eval_step_p(rparams, rstate, train_lib.put_batch(device_batch))
     sums = parallel.fetch(sums)
     totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    if metas is not None and "index" in batch:
-      rows, row_masks = parallel.unshard((ids, mask))
-      for i, r, rm in zip(np.asarray(batch["index"]).reshape(-1), rows, row_masks):
+    judge = metas is not None and "index" in batch
+    show = tokenizer is not None and len(texts) < num_texts
+    if not (judge or show):
+      continue
+    # The answers come to the host once, each decoded once, for both uses.
+    ids, mask = parallel.unshard((ids, mask))
+    answers = [tokenizer.decode(r[rm > 0].tolist()) for r, rm in zip(ids, mask)]
+    if judge:
+      for i, answer in zip(np.asarray(batch["index"]).reshape(-1), answers):
         if i >= 0 and metas[i] is not None:
-          gold.append(labeler_lib.latent_score(metas[i], tokenizer.decode(r[rm > 0].tolist()),
-                                               None))
-    if tokenizer is not None and len(texts) < num_texts:
-      ids, mask = parallel.unshard((ids, mask))
+          gold.append(labeler_lib.latent_score(metas[i], answer, None))
+    if show:
       prompts = parallel.unshard(device_batch)
-      for p, pm, r, rm in zip(prompts["prompt_ids"], prompts["prompt_mask"], ids, mask):
+      for p, pm, answer in zip(prompts["prompt_ids"], prompts["prompt_mask"], answers):
         if len(texts) < num_texts:
-          texts.append(f"{tokenizer.decode(p[pm > 0].tolist())!r} -> "
-                       f"{tokenizer.decode(r[rm > 0].tolist())!r}")
+          texts.append(f"{tokenizer.decode(p[pm > 0].tolist())!r} -> {answer!r}")
   if totals is None:
     return {}, texts
   means = {name: float(s.total / max(s.count, 1.0)) for name, s in totals.items()}
