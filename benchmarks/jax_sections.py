@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import common
 from jaxrlhf import models
@@ -21,6 +22,7 @@ from jaxrlhf import reward_model
 from jaxrlhf import sampling
 from jaxrlhf import sft
 from jaxrlhf import train_lib
+from jaxrlhf.data import buckets
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,7 +75,12 @@ def jax_rm(config, mcfg, devices, peak) -> dict:
   step = parallel.pmap_step(functools.partial(reward_model.rm_train_step, dropout=False),
                             devices=devices)
   host = common.ranking_batch(mcfg, config.rm_batch_size, config.rm_k, config.rm_seq_len)
-  batch = _on_devices(host, devices)
+  # The loaders' layout: each device's responses packed into rows (data/buckets.py).
+  sharded = parallel.shard(dict(host, response_valid=np.ones(host["end_index"].shape,
+                                                              np.int32)), len(devices))
+  rows = sharded["input_ids"].shape[1] * config.rm_k
+  batch = parallel.device_put_sharded(
+      buckets.cut("rankings", sharded, (config.rm_seq_len, rows)), devices)
 
   def call():
     rstate[0], metrics = step(rstate[0], batch)

@@ -137,8 +137,10 @@ def rm_step(mcfg, tx, batch: int, k: int, seq_len: int, place: Placement = PMAP)
   model = models.ScalarHeadModel(mcfg)
   params = _abstract_params(model)
   state = jax.eval_shape(lambda p: train_lib.create_train_state(model.apply, p, tx, 0), params)
-  data = {"input_ids": _tokens(batch, k, seq_len), "attention_mask": _tokens(batch, k, seq_len),
-          "end_index": _tokens(batch, k), "response_valid": _tokens(batch, k),
+  # The loaders' packed layout (data/buckets.py), every response slot real: the most a
+  # batch of `batch` rankings of K responses can hold.
+  data = {"input_ids": _tokens(batch * k, seq_len), "attention_mask": _tokens(batch * k, seq_len),
+          "end_index": _tokens(batch * k), "slot": _tokens(batch, k),
           "pair_mask": jax.ShapeDtypeStruct((batch, k, k), jnp.float32)}
   step = place.step(functools.partial(reward_model.rm_train_step, dropout=False))
   return _analysis(*_compile(step, place.state(state), place.rows(data)), _count(params))

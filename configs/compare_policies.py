@@ -41,6 +41,9 @@ def get_config(arg=None):
   config.num_prompts = 0  # Prompts used (0 = all).
   config.max_prompt_len = 32  # Prompt tokens kept (left-truncated).
   config.max_response_len = 16  # Tokens sampled per answer, stop token included.
+  # Batches cut to multiples of this many tokens that hold their longest example
+  # (a few shapes, each compiled once; data/buckets.py); 0 = the budget's shape.
+  config.length_bucket = 8  # Prompts: their left padding.
   config.max_text_len = 64  # Held-out text sequence length.
   config.temperature = 1.0  # Sampling temperature (KL is measured at it too).
   config.top_k = 0  # 0 = off.

@@ -22,8 +22,11 @@ from jaxrlhf import config_lib
 
 def get_config(arg=None):
   variant = arg or "tiny"
+  if variant in ("paper", "paper_test"):
+    return paper_config(variant)
   if variant not in ("tiny", "test"):
-    raise ValueError(f"configs/instructgpt.py: unknown variant {variant!r}; use tiny or test")
+    raise ValueError(f"configs/instructgpt.py: unknown variant {variant!r}; use tiny, test, "
+                     "paper or paper_test")
   config = ml_collections.ConfigDict()
   config.stages = ("pretrain", "sft", "flan", "rankings", "reward_model", "ppo", "ppo_ptx",
                    "evaluate")  # Run in order.
@@ -61,4 +64,66 @@ def get_config(arg=None):
     config.evaluate.few_shot.max_prompt_len = 48
     config.evaluate.per_device_batch = 4
     config.evaluate.num_text_batches = 1
+  return config
+
+
+def paper_config(variant: str):
+  """The paper-scale miniature: the levers of InstructGPT that :tiny leaves out.
+
+  - A reward model with a larger trunk than the policy's (the paper's 6B reward model
+    served its 1.3B policies): `pretrain_rm` pretrains the `world_rm` shape (about 3x
+    the base model's compute) once on the same corpus, `sft_rm` fine-tunes it on the
+    demonstrations, and both reward models start from it. PPO's value function starts
+    from the reward model, as in the paper, so it is that size too.
+  - Rankings from a mix of policies: round 1 ranks answers written by SFT and by the
+    base model prompted few-shot; round 2 answers from the first PPO policy
+    (`ppo_round1`, trained against the round-1 reward model) and SFT. The final reward
+    model trains on both rounds, and PPO and PPO-ptx run against it.
+  - 10x the world's ranked prompts, half in each round.
+  - PPO batches in the paper's proportions: 512 episodes, minibatches of 64, one pass
+    (here 128, 16, one pass: 8 updates an iteration).
+  `paper_test` is the same pipeline at CI size.
+  """
+  test = variant == "paper_test"
+  base = "test" if test else "tiny"
+  config = get_config(base)
+  config.stages = ("pretrain", "pretrain_rm", "sft", "sft_rm", "flan", "rankings",
+                   "reward_model", "ppo_round1", "rankings_round2", "reward_model_round2",
+                   "ppo", "ppo_ptx", "evaluate")
+  config.world.rm_scale = 1.0 if test else 10.0
+  config.pretrain_rm = pretrain_config.get_config(base)
+  config.pretrain_rm.stage = "pretrain_rm"
+  config.sft_rm = sft_config.get_config(base)
+  config.sft_rm.stage = "sft_rm"
+  if test:  # larger than the test policy, as world_rm is than world
+    config.pretrain_rm.model.update(hidden_size=48, num_heads=3, num_layers=2,
+                                    intermediate_size=96)
+  else:
+    config.pretrain_rm.model = config_lib.model_preset("world_rm")
+  # Round 1: SFT and the few-shot base model answer the first half of the prompts.
+  config.rankings.prompts_to = 0.5
+  config.rankings.few_shot = "base"
+  config.rankings_round2 = rankings_config.get_config(base)
+  config.rankings_round2.prompts_from = 0.5
+  config.reward_model_round2 = rm_config.get_config(base)
+  config.ppo_round1 = ppo_config.get_config(base)
+  config.ppo_round1.stage = "ppo_round1"
+  config.ppo_round1.ptx.coef = 0.0
+  for section in (config.ppo_round1, config.ppo, config.ppo_ptx):
+    if not test:
+      section.batch_size = 128
+      section.minibatch_size = 16
+      section.num_ppo_epochs = 1
+  config.wiring = ml_collections.ConfigDict({
+      "rankings": {"policy": "sft=sft/hf,base=pretrain/hf"},
+      "reward_model": {"init_from": "sft_rm/hf"},
+      "ppo_round1": {"reward_init_from": "reward_model/hf"},
+      "rankings_round2": {"policy": "sft=sft/hf,ppo=ppo_round1/hf_ema"},
+      "reward_model_round2": {"init_from": "sft_rm/hf",
+                              "data": {"rankings_dir": "rankings,rankings_round2"}},
+      "ppo": {"reward_init_from": "reward_model_round2/hf"},
+      "ppo_ptx": {"reward_init_from": "reward_model_round2/hf"},
+      "evaluate": {"reward_model": "reward_model_round2/hf",
+                   "rankings_file": "rankings_round2/validation.jsonl"},
+  })
   return config

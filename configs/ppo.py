@@ -68,6 +68,9 @@ def get_config(arg=None):
   config.data.world_dir = ""  # Where the world is written; '' = <workdir>/world.
   config.data.max_prompt_len = 32  # Prompt tokens kept (truncated on the left).
   config.data.max_response_len = 16  # Response tokens sampled per prompt, EOS included.
+  # Batches cut to multiples of this many tokens that hold their longest example
+  # (a few shapes, each compiled once; data/buckets.py); 0 = the budget's shape.
+  config.data.length_bucket = 8  # Prompts: their left padding.
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.
   # Record keys renamed before parsing, "name_in_file=expected_name,...", e.g.
   # "question=prompt" (jaxrlhf/data/formats.py lists the layouts).
@@ -168,6 +171,7 @@ def get_config(arg=None):
     config.model = config_lib.model_preset("gpt2" if variant == "gpt2" else "llama_small")
     config.data.max_prompt_len = 512
     config.data.max_response_len = 512
+    config.data.length_bucket = 64
     config.batch_size = 512
     config.minibatch_size = 64
     config.num_ppo_epochs = 1
@@ -190,6 +194,7 @@ def get_config(arg=None):
     config.tokenizer = ""
     config.data.max_prompt_len = config_lib.TLDR_MAX_PROMPT_LEN
     config.data.max_response_len = config_lib.TLDR_MAX_SUMMARY_LEN  # ppo.py response_length.
+    config.data.length_bucket = 0  # The reference's padded shapes.
     config.rollout.temperature = 0.7  # ppo.py temperature; the learner divides by it too.
     config.reward.penalty_score = -1.0  # ppo.py: a summary without EOS scores -1.
     config.batch_size = 512  # 8 GPUs x 64 episodes.

@@ -43,6 +43,9 @@ def get_config(arg=None):
   config.data.k_max = 9  # Most responses a ranking may hold (the paper: 4 to 9); padding K.
   config.data.max_prompt_len = 32  # Prompt tokens kept (left-truncated).
   config.data.max_response_len = 16  # Response tokens incl. EOS (right-truncated).
+  # Batches cut to multiples of this many tokens that hold their longest example
+  # (a few shapes, each compiled once; data/buckets.py); 0 = the budget's shape.
+  config.data.length_bucket = 8  # Rankings also drop their padded response slots.
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.
   # Record keys renamed before parsing, "name_in_file=expected_name,...", e.g.
   # "question=prompt,better=chosen,worse=rejected" (jaxrlhf/data/formats.py).
@@ -87,6 +90,7 @@ def get_config(arg=None):
     config.model = config_lib.model_preset("gpt2" if variant == "gpt2" else "llama_small")
     config.data.max_prompt_len = 512
     config.data.max_response_len = 512
+    config.data.length_bucket = 64
     config.batch_size = 64  # The paper: 64 prompts, i.e. up to 2304 comparisons.
     config.optimizer.learning_rate = 9e-6
     config.optimizer.warmup_steps = 10
@@ -102,6 +106,7 @@ def get_config(arg=None):
     config.data.k_max = 2  # Pairs.
     config.data.max_prompt_len = config_lib.TLDR_MAX_PROMPT_LEN
     config.data.max_response_len = config_lib.TLDR_MAX_RM_RESPONSE_LEN
+    config.data.length_bucket = 0  # The reference's padded shapes.
     config.normalize.policy_samples = False
     config.dropout_rate = 0.0  # reward.py: disable_dropout.
     config.batch_size = 64  # 8 GPUs x gradient_accumulation_steps 8 x micro-batch 1.

@@ -38,6 +38,9 @@ def get_config(arg=None):
   config.data.world_dir = ""  # Where the world is written; '' = <workdir>/world.
   config.data.max_prompt_len = 32  # Prompt tokens kept (truncated on the left).
   config.data.max_response_len = 16  # Response tokens kept incl. EOS (cut on the right).
+  # Batches cut to multiples of this many tokens that hold their longest example
+  # (a few shapes, each compiled once; data/buckets.py); 0 = the budget's shape.
+  config.data.length_bucket = 8
   config.data.skip_invalid = False  # Skip and count bad lines instead of stopping.
   # Record keys renamed before parsing, "name_in_file=expected_name,...", e.g.
   # "question=prompt,answer=response" (jaxrlhf/data/formats.py lists the layouts).
@@ -82,6 +85,7 @@ def get_config(arg=None):
     config.model = config_lib.model_preset("gpt2" if variant == "gpt2" else "llama_small")
     config.data.max_prompt_len = 512
     config.data.max_response_len = 512
+    config.data.length_bucket = 64
     config.dropout_rate = 0.2
     config.batch_size = 32
     config.num_epochs = 16
@@ -100,6 +104,7 @@ def get_config(arg=None):
     config.tokenizer = ""
     config.data.max_prompt_len = config_lib.TLDR_MAX_PROMPT_LEN
     config.data.max_response_len = config_lib.TLDR_MAX_SUMMARY_LEN
+    config.data.length_bucket = 0  # The reference's padded shapes.
     config.dropout_rate = 0.0  # sft.py: disable_dropout.
     config.batch_size = 128  # 8 GPUs x gradient_accumulation_steps 16 x micro-batch 1.
     config.num_epochs = 1  # sft.py: num_train_epochs.

@@ -27,6 +27,11 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
       "world": dict(arch="llama", vocab_size=0, hidden_size=128, num_layers=3,
                     num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
                     max_position_embeddings=128, tie_word_embeddings=True),
+      # A reward-model trunk about 3x the base model's compute (the paper's 6B reward
+      # model served 1.3B policies): configs/instructgpt.py:paper.
+      "world_rm": dict(arch="llama", vocab_size=0, hidden_size=192, num_layers=4,
+                       num_heads=6, num_kv_heads=3, head_dim=32, intermediate_size=576,
+                       max_position_embeddings=128, tie_word_embeddings=True),
       # For CI-sized end-to-end tests.
       "test": dict(arch="llama", vocab_size=0, hidden_size=32, num_layers=1,
                    num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
@@ -62,6 +67,7 @@ def world_config(scale: float = 0.05, seed: int = 0) -> ml_collections.ConfigDic
   cfg = ml_collections.ConfigDict()
   cfg.seed = seed  # Fixes users, prompts, demonstrations and the corpus.
   cfg.scale = scale  # x the paper's 13k SFT / 33k RM / 31k PPO prompts.
+  cfg.rm_scale = 1.0  # x scale again for the RM prompts alone (more ranked prompts).
   cfg.num_users = 200  # Simulated API users, split train/valid/test by user.
   cfg.pretrain_documents = 400_000  # x scale: the pretraining corpus size.
   cfg.qa_text_rate = 0.3  # Share of web statements written in the prompts' "->" form.

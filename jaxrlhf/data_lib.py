@@ -42,6 +42,9 @@ def ensure_world(data: ml_collections.ConfigDict, workdir) -> epath.Path:
   if jax.process_index() == 0:
     existing = json.loads(marker.read_text()) if marker.exists() else None
     wanted = json.loads(json.dumps(dataclasses.asdict(world_config)))
+    if existing is not None:  # a knob added since that world was written had its default
+      defaults = json.loads(json.dumps(dataclasses.asdict(world_lib.WorldConfig())))
+      existing["config"] = {**defaults, **existing.get("config", {})}
     if existing is None or existing.get("config") != wanted:
       if existing is not None:
         raise config_lib.ConfigError(
@@ -85,7 +88,8 @@ Lengths = data_pkg.Lengths
 
 def lengths_from_config(data: ml_collections.ConfigDict) -> data_pkg.Lengths:
   return data_pkg.Lengths(prompt=data.max_prompt_len, response=data.max_response_len,
-                          text=data.get("max_seq_len", 64), k_max=data.get("k_max", 9))
+                          text=data.get("max_seq_len", 64), k_max=data.get("k_max", 9),
+                          bucket=data.get("length_bucket", 0))
 
 
 TFDS_PREFIX = "tfds:"
@@ -214,8 +218,9 @@ def eval_loader_batches(kind, examples, tokenizer, lengths, per_device, limit):
     if not cache:
       loader = data_pkg.make_loader(kind, examples, tokenizer, lengths,
                                     per_device_batch_size=per_device, shuffle=False,
-                                    num_epochs=1, drop_remainder=False)
-      cache.extend(_device_batches(loader, limit))
+                                    num_epochs=1, drop_remainder=False, cut=False)
+      cache.extend(data_pkg.cut_together(kind, _device_batches(loader, limit), lengths,
+                                         per_device, tokenizer))
     return cache
 
   return batches
@@ -305,31 +310,54 @@ def score_batches(tokenizer, examples: list, lengths: data_pkg.Lengths,
 # ---------------------------------------------------------------------------------------
 
 
-def ranking_files(data: ml_collections.ConfigDict) -> tuple[str, str, dict | None]:
-  """(train file, held-out file, the rankings stage's summary or None) of a reward-model
-  `data` section: its `train_file` and `valid_file`, or the `rankings_dir` a rankings
-  stage wrote (train.jsonl, validation.jsonl and summary.json)."""
+def ranking_files(data: ml_collections.ConfigDict
+                  ) -> tuple[list[str], list[str], list[dict] | None]:
+  """(train files, held-out files, the rankings stages' summaries or None) of a
+  reward-model `data` section: its `train_file` and `valid_file`, or the `rankings_dir`
+  a rankings stage wrote (train.jsonl, validation.jsonl and summary.json); several
+  comma-separated directories (rounds of rankings, from several policies) are read
+  together."""
   if data.train_file:
     if data.get("rankings_dir"):
       raise config_lib.ConfigError("config.data.train_file and config.data.rankings_dir are both set; "
                        "give one source of rankings.")
     if not data.valid_file:
       raise config_lib.ConfigError("config.data.valid_file: held-out rankings are needed for accuracy.")
-    return data.train_file, data.valid_file, None
+    return [data.train_file], [data.valid_file], None
   if not data.get("rankings_dir"):
     raise config_lib.ConfigError(
         "config.data.train_file is empty and so is config.data.rankings_dir: give rankings "
         "JSONL files (train_file and valid_file), or the directory that "
         "`python -m experiments.rankings` wrote (the pipeline, experiments.instructgpt, "
         "runs that stage before the reward model).")
-  directory = epath.Path(data.rankings_dir)
-  summary_file = directory / "summary.json"
-  if not summary_file.exists():
-    raise FileNotFoundError(
-        f"config.data.rankings_dir={data.rankings_dir!r}: no summary.json there (the "
-        "rankings stage writes it last; run or finish `python -m experiments.rankings`).")
-  return (str(directory / "train.jsonl"), str(directory / "validation.jsonl"),
-          json.loads(summary_file.read_text()))
+  train, valid, summaries = [], [], []
+  for name in str(data.rankings_dir).split(","):
+    directory = epath.Path(name.strip())
+    summary_file = directory / "summary.json"
+    if not summary_file.exists():
+      raise FileNotFoundError(
+          f"config.data.rankings_dir={data.rankings_dir!r}: no summary.json in {directory} "
+          "(the rankings stage writes it last; run or finish `python -m experiments.rankings`).")
+    train.append(str(directory / "train.jsonl"))
+    valid.append(str(directory / "validation.jsonl"))
+    summaries.append(json.loads(summary_file.read_text()))
+  return train, valid, summaries
+
+
+def _read_all(kind: str, paths: list[str], **kwargs):
+  """`read` of each path, one after the other: (examples, merged parse statistics)."""
+  examples, stats = [], data_pkg.DataStats()
+  for path in paths:
+    more, more_stats = read(kind, path, **kwargs)
+    examples.extend(more)
+    stats.merge(more_stats)
+  return examples, stats
+
+
+def _mean_agreement(summaries: list[dict] | None) -> float | None:
+  """Two labelers' agreement that the rankings stages measured (their mean, for rounds)."""
+  values = [s["labeler_agreement"] for s in summaries or () if s.get("labeler_agreement")]
+  return float(np.mean(values)) if values else None
 
 
 def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageData:
@@ -337,11 +365,11 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
   per_device = parallel.check_batch_size(config.batch_size)
   skip_invalid = config.data.skip_invalid
   fields = config.data.get("fields", "")
-  train_path, valid_path, collected = ranking_files(config.data)
-  train, parse_stats = read("rankings", train_path, skip_invalid=skip_invalid,
-                            k_max=lengths.k_max, fields=fields)
-  valid, _ = read("rankings", valid_path, skip_invalid=skip_invalid, k_max=lengths.k_max,
-                  fields=fields)
+  train_paths, valid_paths, collected = ranking_files(config.data)
+  train, parse_stats = _read_all("rankings", train_paths, skip_invalid=skip_invalid,
+                                 k_max=lengths.k_max, fields=fields)
+  valid, _ = _read_all("rankings", valid_paths, skip_invalid=skip_invalid,
+                       k_max=lengths.k_max, fields=fields)
   loader = data_pkg.make_loader("rankings", train, tokenizer, lengths,
                                 per_device_batch_size=per_device,
                                 seed=config.data.shuffle_seed,
@@ -373,7 +401,7 @@ def ranking_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> Stage
       eval_batches=eval_loader_batches("rankings", valid, tokenizer, lengths, per_device,
                                        config.get("num_eval_batches", 0)),
       parse_stats=parse_stats,
-      extra={"labeler_agreement": (collected or {}).get("labeler_agreement"),
+      extra={"labeler_agreement": _mean_agreement(collected),
              "demonstration_batches": demonstration_batches,
              "policy_sample_batches": policy_sample_batches})
 
@@ -410,8 +438,9 @@ def prompt_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> StageD
     if not cache:
       eval_loader = data_pkg.make_loader("prompts", valid, tokenizer, lengths,
                                          per_device_batch_size=per_device, shuffle=False,
-                                         num_epochs=1, drop_remainder=False)
-      for batch in eval_loader:
+                                         num_epochs=1, drop_remainder=False, cut=False)
+      for batch in data_pkg.cut_together("prompts", list(eval_loader), lengths, per_device,
+                                         tokenizer):
         device, host = data_pkg.split_host_fields(batch)
         device["valid"] = (np.asarray(host["index"]) >= 0).astype(np.int32)
         # Which held-out prompt each row is (-1: padding): evaluators that judge the

@@ -32,6 +32,13 @@ STAGES = {
     "reward_model": ("jaxrlhf.reward_model", "train_and_evaluate", "sft"),
     "ppo": ("jaxrlhf.ppo", "train_and_evaluate", "sft"),
     "ppo_ptx": ("jaxrlhf.ppo", "train_and_evaluate", "sft"),
+    # The paper-scale miniature's (configs/instructgpt.py:paper): a reward model with a
+    # larger trunk of its own, and a second round of rankings from the first PPO policy.
+    "pretrain_rm": ("jaxrlhf.sft", "train_and_evaluate", None),
+    "sft_rm": ("jaxrlhf.sft", "train_and_evaluate", "pretrain_rm"),
+    "ppo_round1": ("jaxrlhf.ppo", "train_and_evaluate", "sft"),
+    "rankings_round2": ("jaxrlhf.rankings", "collect", "sft"),
+    "reward_model_round2": ("jaxrlhf.reward_model", "train_and_evaluate", "sft"),
     "evaluate": ("jaxrlhf.eval.preference", "evaluate_policies", None),
 }
 # Policies the evaluate stage compares, in table order: (name, stage, export directory).
@@ -63,7 +70,30 @@ def evaluate_config(config: ml_collections.ConfigDict,
   stage.world = ml_collections.ConfigDict(config.world.to_dict())
   stage.report_dir = str(workdir)
   stage.pipeline_dir = str(workdir)
+  _wire(stage, config.get("wiring", {}).get("evaluate"), workdir, "evaluate")
   return stage
+
+
+def _resolve(spec: str, workdir: epath.Path) -> str:
+  """'stage/export' (or 'name=stage/export'), comma-separated, as paths in the workdir."""
+  out = []
+  for item in str(spec).split(","):
+    name, sep, rel = item.strip().rpartition("=")
+    out.append(f"{name}{sep}{workdir / rel.strip()}")
+  return ",".join(out)
+
+
+def _wire(stage: ml_collections.ConfigDict, wiring, workdir: epath.Path, where: str) -> None:
+  """`config.wiring.<stage>`: fields of the stage's section set to other stages' outputs,
+  e.g. {"init_from": "sft_rm/hf", "data": {"rankings_dir": "rankings,rankings_round2"}}."""
+  for field, spec in (wiring or {}).items():
+    if field not in stage:
+      raise config_lib.ConfigError(f"config.wiring.{where}.{field}: the stage's section "
+                                   "has no such field")
+    if isinstance(spec, (dict, ml_collections.ConfigDict)):
+      _wire(stage[field], spec, workdir, f"{where}.{field}")
+    else:
+      stage[field] = _resolve(spec, workdir)
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str,
@@ -81,12 +111,13 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
   if name.startswith("ppo"):
     stage.policy_init_from = str(workdir / parent / "hf")
     stage.reward_init_from = str(workdir / "reward_model" / "hf")
-  elif name == "rankings":
+  elif name.startswith("rankings"):
     stage.policy = str(workdir / parent / "hf")
   elif parent is not None:
     stage.init_from = str(workdir / parent / "hf")
-  if name == "reward_model":
+  if name.startswith("reward_model"):
     stage.data.rankings_dir = str(workdir / "rankings")
+  _wire(stage, config.get("wiring", {}).get(name), workdir, name)
   return stage
 
 

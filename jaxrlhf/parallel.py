@@ -98,6 +98,14 @@ def _mesh_jit(fn: Callable, **kwargs) -> Callable:
 _TRACING_MESH: Layout | None = None
 
 
+def shard_count() -> int:
+  """Into how many equal blocks of rows, one per device, the batch a step is being
+  traced for falls: the mesh's devices in mesh mode (the step sees the global batch),
+  1 under pmap (it sees one device's rows). Per-device packed layouts (a ranking's
+  `slot`, data/buckets.py) read their offsets from it."""
+  return 1 if _TRACING_MESH is None else int(_TRACING_MESH.mesh.size)
+
+
 def _traced_as(fn: Callable, *, mesh_layout: Layout | None = None) -> Callable:
   """`fn` traced with `_TRACING_MESH` set to `mesh_layout`.
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf import sampling
+from jaxrlhf.data import buckets
 from jaxrlhf.data import formats
 from jaxrlhf.data import tokenize as tokenize_lib
 
@@ -25,14 +26,21 @@ class Samples:
   lengths: list[int]        # response tokens including the stop token
 
 
-def encode_prompts(prompts: list, encoder: tokenize_lib.Encoder,
-                   max_prompt_len: int) -> dict[str, np.ndarray]:
+def encode_prompts(prompts: list, encoder: tokenize_lib.Encoder, max_prompt_len: int,
+                   length_bucket: int = 0) -> dict[str, np.ndarray]:
   """Left-padded prompt_ids / prompt_mask [len(prompts), max_prompt_len] for the sampler,
-  from strings or parsed `formats.Prompt`s (chats, TL;DR posts: see tokenize_prompt)."""
+  from strings or parsed `formats.Prompt`s (chats, TL;DR posts: see tokenize_prompt).
+  `length_bucket` > 0 cuts the columns to the smallest multiple of it that holds the
+  longest prompt (data/buckets.py): one shape for the whole list."""
   lengths = tokenize_lib.Lengths(prompt=max_prompt_len, response=1)
   rows = [tokenize_lib.tokenize_prompt(formats.Prompt(p) if isinstance(p, str) else p,
                                        encoder, lengths) for p in prompts]
-  return {k: np.stack([r[k] for r in rows]) for k in ("prompt_ids", "prompt_mask")}
+  encoded = {k: np.stack([r[k] for r in rows]) for k in ("prompt_ids", "prompt_mask")}
+  if length_bucket > 0 and rows:
+    need = int(encoded["prompt_mask"].sum(axis=-1).max())
+    encoded = buckets.cut("prompts", encoded,
+                          (buckets.round_up(need, max_prompt_len, length_bucket),))
+  return encoded
 
 
 def decode_responses(tokenizer, response_ids, response_mask, stopped, eos_id: int
@@ -52,9 +60,13 @@ class Sampler:
 
   def __init__(self, model, tokenizer, *, max_prompt_len: int, max_new_tokens: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               greedy: bool = False, per_device_batch: int = 32, devices=None):
+               greedy: bool = False, per_device_batch: int = 32, devices=None,
+               length_bucket: int = 0):
     """`devices`: e.g. jax.local_devices() to sample on one process of a multi-process
-    run alone; by default every process must call `sample` together."""
+    run alone; by default every process must call `sample` together.
+    `length_bucket` > 0: each `sample` call cuts the prompts' left padding to the
+    smallest multiple of it that holds the call's longest prompt (data/buckets.py)."""
+    self.length_bucket = length_bucket
     self.tokenizer = tokenizer
     self.encoder = tokenize_lib.Encoder(tokenizer)
     self.lengths = tokenize_lib.Lengths(prompt=max_prompt_len, response=max_new_tokens)
@@ -80,18 +92,28 @@ class Sampler:
     n_dev = self._num_devices or jax.local_device_count()
     chunk = n_dev * self.per_device_batch
     texts, stopped, lengths = [], [], []
+    encoded = self.encode_prompts(prompts) if prompts else None
+    if encoded is not None and self.length_bucket > 0:  # one shape for the whole call
+      need = [int(encoded["prompt_mask"].sum(axis=-1).max())]
+      if self._num_devices is None:
+        need = buckets.agree(need)
+      slots = buckets.round_up(need[0], self.lengths.prompt, self.length_bucket)
+      encoded = buckets.cut("prompts", encoded, (slots,))
     for start in range(0, len(prompts), chunk):
-      part = prompts[start:start + chunk]
-      padded = part + [part[-1]] * (chunk - len(part))  # fixed shapes: one compile
-      enc = parallel.shard(self.encode_prompts(padded), n_dev)
+      part = {k: v[start:start + chunk] for k, v in encoded.items()}
+      n = len(part["prompt_ids"])
+      # Fixed shapes, one compile: the last chunk repeats its last prompt.
+      part = {k: np.concatenate([v, np.repeat(v[-1:], chunk - n, axis=0)])
+              for k, v in part.items()}
+      enc = parallel.shard(part, n_dev)
       if self._num_devices is None:  # the stage's layout; else pmapped on `devices`
         enc = parallel.device_put_sharded(enc)
       ids, mask, stop = parallel.unshard(self._sample_p(
           rparams, enc["prompt_ids"], enc["prompt_mask"],
           jax.random.fold_in(rng, start)))
-      ids = np.asarray(ids).reshape(chunk, -1)[:len(part)]
-      mask = np.asarray(mask).reshape(chunk, -1)[:len(part)]
-      stop = np.asarray(stop).reshape(chunk)[:len(part)]
+      ids = np.asarray(ids).reshape(chunk, -1)[:n]
+      mask = np.asarray(mask).reshape(chunk, -1)[:n]
+      stop = np.asarray(stop).reshape(chunk)[:n]
       texts.extend(decode_responses(self.tokenizer, ids, mask, stop, self.encoder.eos_id))
       stopped.extend(bool(s) for s in stop)
       lengths.extend(int(m.sum()) for m in mask)

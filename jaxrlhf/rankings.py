@@ -31,6 +31,8 @@ from jaxrlhf import model_lib
 from jaxrlhf import models
 from jaxrlhf import parallel
 from jaxrlhf import policy_lib
+from jaxrlhf.data import formats
+from jaxrlhf.eval import policy_inputs
 from jaxrlhf.data.world import labeler as labeler_lib
 from jaxrlhf.data.world import world as world_lib
 
@@ -56,40 +58,68 @@ def sample_and_rank(config: ml_collections.ConfigDict, tokenizer, world_dir: epa
   Runs on one process, so nothing here may be a collective: the sampler uses this
   process's devices only.
   """
-  if not config.policy:
-    raise config_lib.ConfigError("config.policy: the rankings are sampled from a policy; set it to "
-                     "the SFT export (a Hugging Face directory, e.g. <sft workdir>/hf).")
   world_config = world_lib.WorldConfig.from_dict(config.data.world.to_dict())
   labeler = world_config.labeler()
-  model, params = model_lib.load_or_init("lm", tokenizer, seq_len=8,
-                                         init_from=config.policy, seed=config.seed,
-                                         field="config.policy")
-  sampler = policy_lib.Sampler(
-      model, tokenizer, max_prompt_len=config.max_prompt_len,
-      max_new_tokens=config.max_response_len, temperature=config.temperature,
-      per_device_batch=config.per_device_batch, devices=jax.local_devices())
-  rparams = parallel.replicate(params, devices=jax.local_devices())
+  policies = []  # (name, sampler, replicated params, few-shot prefix or None)
+  for name, path in mix(config).items():
+    model, params = model_lib.load_or_init("lm", tokenizer, seq_len=8, init_from=path,
+                                           seed=config.seed, field="config.policy")
+    few_shot = name in _names(config.get("few_shot", ""))
+    prefix = None
+    if few_shot:
+      prefix = policy_inputs.few_shot_prefix(
+          formats.read_examples("demonstrations", str(world_dir / "sft" / "train.jsonl")),
+          config.few_shot_shots, tokenizer.eos_token, config.seed)
+    sampler = policy_lib.Sampler(
+        model, tokenizer,
+        max_prompt_len=config.few_shot_max_prompt_len if few_shot else config.max_prompt_len,
+        max_new_tokens=config.max_response_len, temperature=config.temperature,
+        per_device_batch=config.per_device_batch, devices=jax.local_devices(),
+        length_bucket=config.get("length_bucket", 0))
+    policies.append((name, sampler, parallel.replicate(params, devices=jax.local_devices()),
+                     prefix))
   info = {}
   for split in SPLITS:
     rm_file = world_dir / "rm" / f"{split}.jsonl"
     records = [json.loads(line) for line in rm_file.read_text().splitlines()]
+    share = (config.get("prompts_from", 0.0), config.get("prompts_to", 1.0))
+    if share != (0.0, 1.0):  # this round's part of the prompts
+      records = records[round(share[0] * len(records)):round(share[1] * len(records))]
     rng = np.random.default_rng([config.seed, 7, 0 if split == "train" else 1])
     ks = rng.integers(config.k_min, config.k_max + 1, size=len(records))
     flat = [r["prompt"] for r, k in zip(records, ks) for _ in range(k)]
-    samples = sampler.sample(rparams, flat, jax.random.key(config.seed + 17 * len(split)))
+    # Which policy writes each answer: one at random per answer, on a stream of its own.
+    who = np.random.default_rng([config.seed, 8, 0 if split == "train" else 1]).integers(
+        len(policies), size=len(flat)) if len(policies) > 1 else np.zeros(len(flat), int)
+    texts_all, stopped_all = [None] * len(flat), [None] * len(flat)
+    for p, (name, sampler, rparams, prefix) in enumerate(policies):
+      mine = np.nonzero(who == p)[0]
+      if not mine.size:
+        continue
+      prompts = [flat[i] if prefix is None else f"{prefix} {flat[i]}" for i in mine]
+      key = jax.random.key(config.seed + 17 * len(split))
+      samples = sampler.sample(rparams, prompts, key if p == 0 else jax.random.fold_in(key, p))
+      for j, i in enumerate(mine):
+        texts_all[i], stopped_all[i] = samples.texts[j], samples.stopped[j]
+    names = [policies[p][0] for p in who]
     out, comparisons, offset, empty_responses = [], [], 0, 0
     for record, k in zip(records, ks.tolist()):
-      texts = samples.texts[offset:offset + k]
-      stopped = samples.stopped[offset:offset + k]
+      texts = texts_all[offset:offset + k]
+      stopped = stopped_all[offset:offset + k]
+      authors = names[offset:offset + k]
       offset += k
       # An empty response (stop token first) is no valid rankings line: counted, left out.
       keep = [i for i, t in enumerate(texts) if t]
       empty_responses += k - len(keep)
       texts, stopped = [texts[i] for i in keep], [stopped[i] for i in keep]
+      authors = [authors[i] for i in keep]
       k = len(texts)
       meta = world_lib.task_meta(record)
       ranks = labeler.rank(meta, texts, rng, stopped) if k >= 2 else [0] * k
-      out.append(world_lib.ranking_record(record, texts, ranks))
+      ranking = world_lib.ranking_record(record, texts, ranks)
+      if ranking is not None and len(policies) > 1:
+        ranking["policies"] = authors  # who wrote each response
+      out.append(ranking)
       if split == "validation":
         comparisons.extend(distinct_comparisons(meta, texts, stopped))
     info[split] = world_lib.write_rankings(str(out_dir / f"{split}.jsonl"), out)
@@ -101,11 +131,46 @@ def sample_and_rank(config: ml_collections.ConfigDict, tokenizer, world_dir: epa
   return info
 
 
+def _names(spec: str) -> list[str]:
+  return [part.strip() for part in str(spec or "").split(",") if part.strip()]
+
+
+def mix(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{name: Hugging Face dir} of the policies that answer: `config.policy` alone (named
+  'policy'), or the 'name=path,...' list in it, each answer written by one of them
+  drawn at random (the paper's labelers ranked outputs of several models)."""
+  if not config.policy:
+    raise config_lib.ConfigError(
+        "config.policy: the rankings are sampled from a policy; set it to the SFT export "
+        "(a Hugging Face directory, e.g. <sft workdir>/hf), or to 'name=dir,name=dir' for "
+        "a mix of policies.")
+  if "=" not in config.policy:
+    out = {"policy": config.policy}
+  else:
+    out = {}
+    for item in _names(config.policy):
+      name, sep, path = (x.strip() for x in item.partition("="))
+      if not sep or not name or not path or name in out:
+        raise config_lib.ConfigError(
+            f"config.policy={config.policy!r}: {item!r} is not a new name=dir")
+      out[name] = path
+  unknown = set(_names(config.get("few_shot", ""))) - set(out)
+  if unknown:
+    raise config_lib.ConfigError(
+        f"config.few_shot={config.few_shot!r}: {sorted(unknown)} name no policy of "
+        f"config.policy (names: {sorted(out)})")
+  return out
+
+
 def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The stage: writes <workdir>/{train,validation}.jsonl and summary.json; returns the
   summary. The reward model reads the directory through `config.data.rankings_dir`."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if not 0.0 <= config.get("prompts_from", 0.0) < config.get("prompts_to", 1.0) <= 1.0:
+    raise config_lib.ConfigError(
+        f"config.prompts_from={config.prompts_from}, config.prompts_to={config.prompts_to}: "
+        "the share of the prompts this stage ranks must satisfy 0 <= from < to <= 1.")
   if not (config.k_min >= 2 and config.k_max >= config.k_min):
     raise config_lib.ConfigError(f"config.k_min={config.k_min}, config.k_max={config.k_max}: a ranking "
                      "needs at least 2 answers and k_max >= k_min.")

@@ -49,9 +49,8 @@ def rm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
   rng = train_lib.step_rng(state)
 
   def loss_fn(params):
-    scores = scoring.sequence_scores(state.apply_fn, params, batch["input_ids"],
-                             batch["attention_mask"], batch["end_index"],
-                             deterministic=not dropout, rngs={"dropout": rng})  # [B, K]
+    scores = scoring.ranking_scores(state.apply_fn, params, batch,
+                                    deterministic=not dropout, rngs={"dropout": rng})  # [B, K]
     metrics = _ranking_metrics(scores, batch)
     # Mean over prompts of the global batch (each prompt already averages its pairs).
     global_count = jnp.maximum(parallel.psum(metrics["loss"].count), 1.0)
@@ -68,8 +67,7 @@ def rm_train_step(state: train_lib.TrainState, batch: dict, *, dropout: bool):
 
 
 def rm_eval_step(params, batch: dict, *, apply_fn):
-  scores = scoring.sequence_scores(apply_fn, params, batch["input_ids"], batch["attention_mask"],
-                           batch["end_index"])
+  scores = scoring.ranking_scores(apply_fn, params, batch)
   return parallel.psum(_ranking_metrics(scores, batch))
 
 

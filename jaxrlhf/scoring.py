@@ -82,6 +82,23 @@ def sequence_scores(apply_fn, params, input_ids, attention_mask, end_index, **kw
   return jnp.take_along_axis(per_token, idx, axis=1)[:, 0].reshape(lead)
 
 
+def ranking_scores(apply_fn, params, batch: dict, **kwargs):
+  """A packed ranking batch's scores (data/buckets.py) in the loss's layout [prompts, K].
+
+  Every real response is forwarded once from its row (input_ids [rows, T]); `slot`
+  [prompts, K] names each response's row on its device (-1: no response, score 0).
+  In mesh mode the step sees every device's rows one after another, so a device's
+  slots are offset by the rows of the devices before it.
+  """
+  flat = sequence_scores(apply_fn, params, batch["input_ids"], batch["attention_mask"],
+                         batch["end_index"], **kwargs)  # [rows]
+  slot = batch["slot"]
+  blocks = parallel.shard_count()
+  offset = (jnp.arange(slot.shape[0]) // (slot.shape[0] // blocks)) * (flat.shape[0] // blocks)
+  index = jnp.where(slot >= 0, slot + offset[:, None], 0)
+  return jnp.where(slot >= 0, flat[index], 0.0)
+
+
 def score_step(params, batch: dict, *, apply_fn):
   """Scores of single sequences: batch input_ids [B, T], attention_mask, end_index [B]."""
   return sequence_scores(apply_fn, params, batch["input_ids"], batch["attention_mask"],

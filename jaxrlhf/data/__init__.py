@@ -10,7 +10,8 @@ from jaxrlhf.data.formats import (
     parse_demonstration, parse_prompt, parse_ranking, parse_text, read_examples,
     split_hh_transcripts, write_jsonl)
 from jaxrlhf.data.pipeline import (
-    HOST_FIELDS, Loader, ShardedDataset, make_loader, split_host_fields, steps_per_epoch)
+    HOST_FIELDS, Loader, ShardedDataset, batch_cutter, cut_together, make_loader, split_host_fields,
+    steps_per_epoch)
 from jaxrlhf.data.stats import DataStats
 from jaxrlhf.data.tokenize import (
     Encoder, Lengths, empty_example, pair_mask_from_ranks, tokenize_demonstration,

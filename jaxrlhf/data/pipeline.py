@@ -32,12 +32,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import grain
 import numpy as np
 
+from jaxrlhf.data import buckets
 from jaxrlhf.data.formats import DataError, KINDS
 from jaxrlhf.data.stats import DataStats
 from jaxrlhf.data.tokenize import Encoder, Lengths, TOKENIZERS, empty_example
@@ -149,8 +150,10 @@ class Loader(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, *, local_device_count: int,
                per_device_batch_size: int, parse_stats: DataStats | None = None,
-               static_stats: dict[str, int] | None = None):
+               static_stats: dict[str, int] | None = None,
+               cut: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
     super().__init__(parent)
+    self._cut = cut
     self._shape = (local_device_count, per_device_batch_size)
     self._parse_stats = parse_stats or DataStats()
     self._static_stats = dict(static_stats or {})
@@ -171,7 +174,7 @@ class Loader(grain.DatasetIterator):
       for pos, text in np.ndenumerate(out["meta"]):
         decoded[pos] = json.loads(str(text))
       out["meta"] = decoded
-    return out
+    return self._cut(out) if self._cut else out
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._parent.get_state(), "served": self._served.as_dict(),
@@ -230,6 +233,7 @@ def make_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
+    cut: bool = True,
 ) -> Loader:
   """Builds the checkpointable loader of batches [local_devices, per_device_batch, ...].
 
@@ -254,6 +258,9 @@ def make_loader(
     worker_count: grain worker processes for tokenisation (0: in-process, plenty
       for short sequences). Workers need absl flags parsed (as under absl.app),
       and a state saved with one worker_count restores only with the same.
+    cut: cut each batch to its bucket (`lengths.bucket`; rankings are always packed,
+      see buckets.py). False leaves the budgets' shapes, for batches that are cut
+      together later (`buckets.cut_together`, the evaluation caches).
   """
   if kind not in KINDS:
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
@@ -298,7 +305,29 @@ def make_loader(
                    "dropped", kind, left)
   return Loader(iter(iter_dataset), local_device_count=local_device_count,
                 per_device_batch_size=per_device_batch_size, parse_stats=parse_stats,
-                static_stats=static)
+                static_stats=static,
+                cut=batch_cutter(kind, lengths, per_device_batch_size, encoder) if cut
+                else None)
+
+
+def batch_cutter(kind: str, lengths: Lengths, per_device_batch_size: int, encoder: Encoder):
+  """The cut `make_loader` applies to each batch of `kind` (buckets.py), or None."""
+  return buckets.cutter(kind, **_bucket_args(kind, lengths, per_device_batch_size, encoder))
+
+
+def cut_together(kind: str, batches: list[dict[str, Any]], lengths: Lengths,
+                 per_device_batch_size: int, encoder: Encoder) -> list[dict[str, Any]]:
+  """Batches of a `make_loader(..., cut=False)` cut to the one bucket all of them fit."""
+  return buckets.cut_together(kind, batches,
+                              **_bucket_args(kind, lengths, per_device_batch_size, encoder))
+
+
+def _bucket_args(kind, lengths, per_device_batch_size, encoder) -> dict[str, int]:
+  budget = {"prompts": lengths.prompt, "text": lengths.text}.get(kind, lengths.sequence)
+  if not isinstance(encoder, Encoder):
+    encoder = Encoder(encoder)
+  return {"budget": budget, "k_max": lengths.k_max, "per_device": per_device_batch_size,
+          "multiple": lengths.bucket, "pad_id": encoder.pad_id}
 
 
 def steps_per_epoch(num_examples: int, *, per_device_batch_size: int,

@@ -37,13 +37,15 @@ class Lengths:
   response: int = 12    # R: response tokens, EOS included, right-truncated
   text: int = 64        # pretraining sequence length
   k_max: int = 9        # rankings are padded to this many responses
+  bucket: int = 0       # > 0: batches cut to multiples of this many slots (buckets.py)
 
   @property
   def sequence(self) -> int:
     return self.prompt + self.response
 
   def __post_init__(self):
-    if self.prompt < 2 or self.response < 1 or self.text < 2 or self.k_max < 2:
+    if (self.prompt < 2 or self.response < 1 or self.text < 2 or self.k_max < 2
+        or self.bucket < 0):
       raise ValueError(f"lengths too small: {self}")
 
 

@@ -115,7 +115,8 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stop_token_id=encoder.eos_id, pad_token_id=encoder.pad_id)
   programs = generation_lib.Programs(generation)
   per_device = config.per_device_batch
-  judge_prompts = policy_lib.encode_prompts(prompts, encoder, config.max_prompt_len)
+  judge_prompts = policy_lib.encode_prompts(prompts, encoder, config.max_prompt_len,
+                                            config.get("length_bucket", 0))
 
   # --- What every policy is measured against --------------------------------------------
   reference = None
@@ -172,7 +173,8 @@ def evaluate_policies(config: ml_collections.ConfigDict, workdir: str) -> dict:
         formats.read_examples("demonstrations", shots_file), config.few_shot.num_shots,
         tokenizer.eos_token, config.seed)
     few_shot_prompts = policy_lib.encode_prompts(
-        [f"{prefix} {p.prompt}" for p in prompts], encoder, config.few_shot.max_prompt_len)
+        [f"{prefix} {p.prompt}" for p in prompts], encoder, config.few_shot.max_prompt_len,
+        config.get("length_bucket", 0))
     runs[config.few_shot.name] = run_policy(config.few_shot.name, config.few_shot.base,
                                             few_shot_prompts, few_shot=True)
 

@@ -63,7 +63,9 @@ def test_prepared_dataset_matches_the_jsonl_files(tmp_path, tokenizer, kind):
   lengths = data.Lengths(prompt=8, response=6, text=12, k_max=3)
   common = dict(per_device_batch_size=1, local_device_count=1, process_index=0,
                 process_count=1, shuffle=False, num_epochs=1)
-  batches = list(data.make_loader(kind, prepared, tokenizer, lengths, **common))
+  # The budgets' shapes, as the tokenizer writes them (cut=False: no buckets, rankings
+  # not packed; tests/data/test_buckets.py checks those).
+  batches = list(data.make_loader(kind, prepared, tokenizer, lengths, cut=False, **common))
   assert len(batches) == len(from_files)
   by_line = {prepared[int(b["index"][0, 0])].source.line: b for b in batches}
   for example in from_files:

@@ -51,6 +51,7 @@ class WorldConfig:
   """Everything that fixes a world; the same config always gives the same files."""
   seed: int = 0
   scale: float = 0.1                      # x the paper's 13k / 33k / 31k prompts
+  rm_scale: float = 1.0                   # x scale again, for the RM prompts alone
   num_users: int = 200                    # simulated API users
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # of users: train/valid/test
   pretrain_documents: int = 400_000       # x scale; 5% more go to validation
@@ -72,6 +73,8 @@ class WorldConfig:
       raise ValueError(f"unknown tasks {sorted(unknown)}; known: {tasks.TASKS}")
     if not 0.0 <= self.qa_text_rate <= 1.0:
       raise ValueError(f"qa_text_rate must be in [0, 1], got {self.qa_text_rate}")
+    if self.rm_scale <= 0:
+      raise ValueError(f"rm_scale must be positive, got {self.rm_scale}")
     if self.num_users < 3:
       raise ValueError("num_users must be at least 3, one per split")
 
@@ -85,7 +88,8 @@ class WorldConfig:
     return cls(**values)
 
   def num_prompts(self, dataset: str, split: str) -> int:
-    train = max(1, round(PAPER_PROMPTS[dataset] * self.scale))
+    scale = self.scale * (self.rm_scale if dataset == "rm" else 1.0)
+    train = max(1, round(PAPER_PROMPTS[dataset] * scale))
     if split == "train":
       return train
     fraction = self.split_fractions[SPLITS.index(split)] / self.split_fractions[0]
