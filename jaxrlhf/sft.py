@@ -77,7 +77,9 @@ def stage_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> data_li
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains a causal LM on `config.data` (kind 'pretrain' or 'sft'); returns a summary."""
-  stage = stage_lib.Stage(config.stage, config, workdir)
+  # config.stage is what the stage does ('pretrain', 'sft', 'flan'); config.name, where
+  # set, what it is called (the :paper pipeline's pretrain_rm and sft_rm).
+  stage = stage_lib.Stage(config.get("name") or config.stage, config, workdir)
   workdir, tokenizer = stage.workdir, stage.tokenizer
   per_device = parallel.check_batch_size(config.batch_size)
 

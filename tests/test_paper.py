@@ -59,6 +59,19 @@ def test_the_paper_pipeline_wires_each_stage_to_its_inputs():
     assert name in instructgpt.STAGES
 
 
+def test_the_reward_models_trunk_is_pretrained_on_the_corpus_then_fine_tuned(tmp_path):
+  from jaxrlhf import sft  # pylint: disable=g-import-not-at-top
+  config = instructgpt_config.get_config("paper_test")
+  tokenizer = models.load_tokenizer(config.sft.tokenizer)
+  sizes = {}
+  for name in ("pretrain", "pretrain_rm", "sft", "sft_rm"):
+    stage = instructgpt.stage_config(config, name, tmp_path)
+    sizes[name] = sft.stage_data(stage, tokenizer, tmp_path).num_train_examples
+  world = json.loads((tmp_path / "world" / "world.json").read_text())["sizes"]
+  assert sizes["pretrain_rm"] == sizes["pretrain"] == world["pretrain/train"]
+  assert sizes["sft_rm"] == sizes["sft"] == world["sft/train"]
+
+
 def test_wiring_a_field_the_stage_lacks_is_a_config_error():
   config = instructgpt_config.get_config("paper_test")
   config.wiring.reward_model.init_form = "sft/hf"
