@@ -91,10 +91,10 @@ def paper_config(variant: str):
                    "reward_model", "ppo_round1", "rankings_round2", "reward_model_round2",
                    "ppo", "ppo_ptx", "evaluate")
   config.world.rm_scale = 1.0 if test else 10.0
-  config.pretrain_rm = pretrain_config.get_config(base)  # its stage: 'pretrain'
-  config.pretrain_rm.name = "pretrain_rm"
-  config.sft_rm = sft_config.get_config(base)  # its stage: 'sft'
-  config.sft_rm.name = "sft_rm"
+  # Their config.stage, what the stage does, stays 'pretrain' and 'sft'; the pipeline
+  # names each stage after its section.
+  config.pretrain_rm = pretrain_config.get_config(base)
+  config.sft_rm = sft_config.get_config(base)
   if test:  # larger than the test policy, as world_rm is than world
     config.pretrain_rm.model.update(hidden_size=48, num_heads=3, num_layers=2,
                                     intermediate_size=96)

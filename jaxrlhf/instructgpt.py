@@ -102,6 +102,7 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
   if name == "evaluate":
     return evaluate_config(config, workdir)
   stage = ml_collections.ConfigDict(config[name].to_dict())
+  stage.name = name  # what the stage's console lines and logs call it
   # Another training seed (init, data order, sampling) on the same world.
   stage.seed = stage.seed + config.get("seed", 0)
   _set_parallel(stage, config)

@@ -187,7 +187,8 @@ def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
     figures = {"train rankings": info["train"]["written"],
                "validation rankings": info["validation"]["written"],
                "labeler agreement": info.get("labeler_agreement")}
-    metrics_lib.console(f"rankings: {metrics_lib.format_figures(figures)}; files and "
+    metrics_lib.console(f"{config.get('name') or 'rankings'}: "
+                        f"{metrics_lib.format_figures(figures)}; files and "
                         f"summary in {workdir}")
   parallel.sync_global_devices("rankings")
   return json.loads(summary_file.read_text())

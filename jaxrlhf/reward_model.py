@@ -104,7 +104,7 @@ def fit_normalization(demo_scores: np.ndarray, sample_scores: np.ndarray | None 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the reward model on rankings; exports it normalised to <workdir>/hf."""
-  stage = stage_lib.Stage("reward_model", config, workdir)
+  stage = stage_lib.Stage(config.get("name") or "reward_model", config, workdir)
   workdir, tokenizer = stage.workdir, stage.tokenizer
   parallel.check_batch_size(config.batch_size)
 

@@ -78,7 +78,8 @@ def stage_data(config: ml_collections.ConfigDict, tokenizer, workdir) -> data_li
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains a causal LM on `config.data` (kind 'pretrain' or 'sft'); returns a summary."""
   # config.stage is what the stage does ('pretrain', 'sft', 'flan'); config.name, where
-  # set, what it is called (the :paper pipeline's pretrain_rm and sft_rm).
+  # set, what it is called (the pipeline names each stage after its section, e.g.
+  # :paper's pretrain_rm, whose stage is 'pretrain').
   stage = stage_lib.Stage(config.get("name") or config.stage, config, workdir)
   workdir, tokenizer = stage.workdir, stage.tokenizer
   per_device = parallel.check_batch_size(config.batch_size)

@@ -30,6 +30,10 @@ def test_the_paper_pipeline_wires_each_stage_to_its_inputs():
   assert rm_shape.num_layers > policy_shape.num_layers
   assert stage["pretrain_rm"].data.train_file == stage["pretrain"].data.train_file
   assert stage["sft_rm"].init_from == "/run/pretrain_rm/hf"
+  # What each does, and what its console lines call it.
+  assert (stage["pretrain_rm"].stage, stage["pretrain_rm"].name) == ("pretrain", "pretrain_rm")
+  assert (stage["sft_rm"].stage, stage["sft_rm"].name) == ("sft", "sft_rm")
+  assert stage["reward_model_round2"].name == "reward_model_round2"
   assert stage["reward_model"].init_from == "/run/sft_rm/hf"
   assert stage["reward_model_round2"].init_from == "/run/sft_rm/hf"
   # Round 1 from SFT and the few-shot base model; round 2 from the first PPO policy.

@@ -169,7 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Resumes from `workdir` by itself; writes metrics.jsonl/TensorBoard, exports the policy
   to <workdir>/hf and its EMA to <workdir>/hf_ema, and returns (and saves) a summary.
   """
-  stage = stage_lib.Stage(config.get("stage", "ppo"), config, workdir, unit="iteration")
+  stage = stage_lib.Stage(config.get("name") or config.get("stage", "ppo"), config, workdir,
+                          unit="iteration")
   workdir, tokenizer = stage.workdir, stage.tokenizer
   settings = settings_from_config(config, tokenizer)
   updates = settings.updates_per_iteration
