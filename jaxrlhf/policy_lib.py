@@ -27,19 +27,23 @@ class Samples:
 
 
 def encode_prompts(prompts: list, encoder: tokenize_lib.Encoder, max_prompt_len: int,
-                   length_bucket: int = 0) -> dict[str, np.ndarray]:
+                   length_bucket: int = 0, *, across_processes: bool = False
+                   ) -> dict[str, np.ndarray]:
   """Left-padded prompt_ids / prompt_mask [len(prompts), max_prompt_len] for the sampler,
   from strings or parsed `formats.Prompt`s (chats, TL;DR posts: see tokenize_prompt).
   `length_bucket` > 0 cuts the columns to the smallest multiple of it that holds the
-  longest prompt (data/buckets.py): one shape for the whole list."""
+  longest prompt (data/buckets.py): one shape for the whole list (and, with
+  `across_processes`, for every process's list)."""
   lengths = tokenize_lib.Lengths(prompt=max_prompt_len, response=1)
   rows = [tokenize_lib.tokenize_prompt(formats.Prompt(p) if isinstance(p, str) else p,
                                        encoder, lengths) for p in prompts]
   encoded = {k: np.stack([r[k] for r in rows]) for k in ("prompt_ids", "prompt_mask")}
   if length_bucket > 0 and rows:
-    need = int(encoded["prompt_mask"].sum(axis=-1).max())
+    need = [int(encoded["prompt_mask"].sum(axis=-1).max())]
+    if across_processes:
+      need = buckets.agree(need)
     encoded = buckets.cut("prompts", encoded,
-                          (buckets.round_up(need, max_prompt_len, length_bucket),))
+                          (buckets.round_up(need[0], max_prompt_len, length_bucket),))
   return encoded
 
 
@@ -84,21 +88,14 @@ class Sampler:
     self._num_devices = len(devices) if devices else None
     self._sample_p = parallel.pmap_fn(_sample, in_axes=(0, 0, 0, None), devices=devices)
 
-  def encode_prompts(self, prompts: list[str]) -> dict[str, np.ndarray]:
-    return encode_prompts(prompts, self.encoder, self.lengths.prompt)
-
   def sample(self, rparams, prompts: list[str], rng: jax.Array) -> Samples:
     """Responses to `prompts` under replicated params `rparams`."""
     n_dev = self._num_devices or jax.local_device_count()
     chunk = n_dev * self.per_device_batch
     texts, stopped, lengths = [], [], []
-    encoded = self.encode_prompts(prompts) if prompts else None
-    if encoded is not None and self.length_bucket > 0:  # one shape for the whole call
-      need = [int(encoded["prompt_mask"].sum(axis=-1).max())]
-      if self._num_devices is None:
-        need = buckets.agree(need)
-      slots = buckets.round_up(need[0], self.lengths.prompt, self.length_bucket)
-      encoded = buckets.cut("prompts", encoded, (slots,))
+    # One shape for the whole call; on every process when all of them sample together.
+    encoded = encode_prompts(prompts, self.encoder, self.lengths.prompt, self.length_bucket,
+                             across_processes=self._num_devices is None) if prompts else None
     for start in range(0, len(prompts), chunk):
       part = {k: v[start:start + chunk] for k, v in encoded.items()}
       n = len(part["prompt_ids"])

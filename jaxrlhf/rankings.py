@@ -83,8 +83,7 @@ def sample_and_rank(config: ml_collections.ConfigDict, tokenizer, world_dir: epa
     rm_file = world_dir / "rm" / f"{split}.jsonl"
     records = [json.loads(line) for line in rm_file.read_text().splitlines()]
     share = (config.get("prompts_from", 0.0), config.get("prompts_to", 1.0))
-    if share != (0.0, 1.0):  # this round's part of the prompts
-      records = records[round(share[0] * len(records)):round(share[1] * len(records))]
+    records = records[round(share[0] * len(records)):round(share[1] * len(records))]
     rng = np.random.default_rng([config.seed, 7, 0 if split == "train" else 1])
     ks = rng.integers(config.k_min, config.k_max + 1, size=len(records))
     flat = [r["prompt"] for r, k in zip(records, ks) for _ in range(k)]
