@@ -6,8 +6,8 @@ input a `jax.ShapeDtypeStruct`, compiled, and read back through `memory_analysis
 arguments (the state and the batch), outputs, temporaries and the generated code, per
 device. Under pmap (`config.mode`) every device holds the whole state, so the figures
 are per device whatever the device count and one device is compiled for. In mesh mode
-the step is partitioned over `config.mesh` (the state split over fsdp, the batch over
-every axis), which needs that many devices; on a CPU host, force them:
+the step is partitioned over `config.mesh` (the state split over fsdp and tensor, the
+batch over data and fsdp), which needs that many devices; on a CPU host, force them:
 
     python -m experiments.memory_report --config=configs/memory.py --workdir=/tmp/mem
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -71,15 +71,15 @@ class Placement:
   def state(self, tree):
     if not self.layout.is_mesh:
       return _per_device(tree)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=parallel.param_sharding(x.shape, self.layout)), tree)
+    return parallel.map_state(lambda path, x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=parallel.param_sharding(x.shape, self.layout, path)),
+        tree)
 
   def rows(self, tree, row_axis: int = 0):
     """A batch built with one device's rows: pmap's, or the mesh's global batch."""
     if not self.layout.is_mesh:
       return _per_device(tree)
-    sharding = jax.sharding.NamedSharding(self.layout.mesh, jax.sharding.PartitionSpec(
-        *([None] * row_axis), parallel.MESH_AXES))
+    sharding = jax.sharding.NamedSharding(self.layout.mesh, parallel.rows_spec(row_axis))
 
     def grow(x):
       shape = list(x.shape)

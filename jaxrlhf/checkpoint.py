@@ -182,7 +182,7 @@ class Checkpointer:
     Returns None when the directory holds no checkpoint. A checkpoint that fails to
     restore (truncated, corrupted, or arrays whose checksums differ from those written
     with it) is reported and the previous one is tried. The state comes back as host
-    arrays, or with `shardings` (a function of an array's shape, as
+    arrays, or with `shardings` (a function of an array's path and shape, as
     parallel.checkpoint_shardings gives) as global arrays read straight into that split.
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
@@ -191,9 +191,10 @@ class Checkpointer:
         jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
                                if hasattr(x, "dtype") else x, state_template))
     template, own_layers = canonical_layers(template)
-    if shardings is not None:  # the layers one by one: their split follows their shape
-      template = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings(x.shape))
+    if shardings is not None:  # the layers one by one, each split by its own name
+      template = jax.tree_util.tree_map_with_path(
+          lambda path, x: jax.ShapeDtypeStruct(
+              x.shape, x.dtype, sharding=shardings(jax.tree_util.keystr(path), x.shape))
           if hasattr(x, "shape") else x, template)
     errors = []
     for candidate in steps:

@@ -92,10 +92,11 @@ def parallel_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   # 'pmap': every device holds the whole state, batches split over the devices.
   # 'mesh': jit over a device mesh; parameters, optimizer states, EMA, reference and
-  # reward model split over its fsdp axis, batches over all of it.
+  # reward model split over its fsdp and tensor axes, batches over data and fsdp.
   cfg.mode = "pmap"
-  # Mesh mode: axis sizes, e.g. "fsdp=8" or "data=2,fsdp=4"; one may be -1 (the rest of
-  # the devices); '' = fsdp over every device.
+  # Mesh mode: axis sizes, e.g. "fsdp=8", "data=2,fsdp=4" or "fsdp=4,tensor=2"; one may
+  # be -1 (the rest of the devices); '' = fsdp over every device. A tensor group (the
+  # devices splitting one model copy's heads and MLP) lies within one process.
   cfg.mesh = ""
   return cfg
 

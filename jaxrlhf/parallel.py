@@ -5,11 +5,12 @@ Two layouts, one set of calls (`configure`, in jaxrlhf/layout.py, picks one from
 
 - "pmap" (the default): every device holds the whole state; a step body sees its
   device's rows and reduces over the `batch` axis with `psum` / `pmean`.
-- "mesh": `jit` over a device mesh (axes `data` and `fsdp`). Batches are split over
-  both axes; parameters, optimizer states, EMA, reference and reward model are split
-  over `fsdp` (each array along its largest dimension the axis size divides), and XLA
-  inserts the gathers and reduce-scatters. A step body sees the GLOBAL batch, so the
-  reductions below are identities there: the same step is exact in both layouts.
+- "mesh": `jit` over a device mesh (axes `data`, `fsdp` and `tensor`). Batches are
+  split over `data` and `fsdp`; parameters, optimizer states, EMA, reference and reward
+  model are split over `tensor` by parameter name and over `fsdp` by shape
+  (jaxrlhf/layout.py), and XLA inserts the collectives. A step body sees the GLOBAL
+  batch, so the reductions below are identities there: the same step is exact in both
+  layouts.
 
 Host code keeps one convention in both: host batches are [local_devices, per_device,
 ...] (`shard`), per-row outputs come back through `unshard`, replicated ones through
@@ -29,9 +30,9 @@ import numpy as np
 from jaxrlhf import config_lib
 # The layouts and their shardings (re-exported: callers spell them parallel.X).
 from jaxrlhf.layout import (  # pylint: disable=unused-import
-    MESH_AXES, MIN_SHARDED_SIZE, MODES, Layout, batch_sharding, configure, constrain_state,
-    layout, make_layout, param_sharding, param_spec, parse_mesh, set_layout,
-    state_shardings, using)
+    BATCH_AXES, MESH_AXES, MIN_SHARDED_SIZE, MODES, TENSOR_DIMS, Layout, batch_sharding,
+    configure, constrain_state, layout, make_layout, map_state, param_sharding, param_spec,
+    parse_mesh, rows_spec, set_layout, state_shardings, tensor_dim, using)
 
 # The one axis every pmapped train step reduces over.
 BATCH_AXIS = "batch"
@@ -146,16 +147,18 @@ def _global_from_host(x: Any, sharding) -> jax.Array:
 
 def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
   """Copies a host pytree onto every local device (leading axis = local devices); in
-  mesh mode, places it split over `fsdp` (`param_spec`) with no leading axis."""
+  mesh mode, places it split over the mesh (`param_spec`) with no leading axis."""
   if layout().is_mesh and devices is None:
     # Arrays already on the mesh (a state restored sharded from a checkpoint) move to
     # their split without a trip through the host, as copies: the step donates them.
     mesh_devices = set(layout().mesh.devices.flat)
     on_mesh = lambda x: (isinstance(x, jax.Array) and not _is_pmapped(x)
                          and x.sharding.device_set == mesh_devices)
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, param_sharding(x.shape), may_alias=False) if on_mesh(x)
-        else _global_from_host(jax.device_get(x), param_sharding(np.shape(x))), tree)
+    return map_state(
+        lambda path, x: jax.device_put(x, param_sharding(x.shape, path=path),
+                                       may_alias=False) if on_mesh(x)
+        else _global_from_host(jax.device_get(x), param_sharding(np.shape(x), path=path)),
+        tree)
   sharding, n = _leading_axis_sharding(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
@@ -197,13 +200,14 @@ def for_checkpoint(tree: Any) -> Any:
 
 
 def checkpoint_shardings() -> Callable[[Sequence[int]], Any] | None:
-  """How a checkpoint is restored: in mesh mode a function of an array's shape giving
-  its fsdp split, so each array is read straight into it (each process reads its own
-  shards), whatever layout wrote the checkpoint; None under pmap (host arrays)."""
+  """How a checkpoint is restored: in mesh mode a function of an array's path
+  (`jax.tree_util.keystr`) and shape giving its split, so each array is read straight
+  into it (each process reads its own shards), whatever layout wrote the checkpoint;
+  None under pmap (host arrays)."""
   if not layout().is_mesh:
     return None
   lay = layout()
-  return lambda shape: param_sharding(shape, lay)
+  return lambda path, shape: param_sharding(shape, lay, path)
 
 
 def shard(tree: Any, num_devices: int | None = None) -> Any:
@@ -236,14 +240,13 @@ def unshard(tree: Any) -> Any:
 def device_put_sharded(tree: Any, devices: Sequence[Any] | None = None,
                        row_axis: int = 0) -> Any:
   """Places an already-sharded host batch [local_devices, ...] on the devices; in mesh
-  mode, as the process's rows of one global batch split over every mesh axis.
+  mode, as the process's rows of one global batch split over `data` and `fsdp`.
 
   `row_axis`: where a device's rows sit in what the step sees, for stacked batches:
   host [local_devices, updates, per_device, ...] with row_axis=1 becomes the mesh's
   [updates, global rows, ...]."""
   if layout().is_mesh and devices is None:
-    spec = jax.sharding.PartitionSpec(*([None] * row_axis), MESH_AXES)
-    sharding = jax.sharding.NamedSharding(layout().mesh, spec)
+    sharding = jax.sharding.NamedSharding(layout().mesh, rows_spec(row_axis))
 
     def put(x):
       x = np.moveaxis(np.asarray(x), 0, row_axis)  # [..., local_devices, per_device, ...]

@@ -1,8 +1,11 @@
 """The memory report (benchmarks/memory.py) compiles a stage's step from shapes alone and
 reads its memory back; checked against what the state must hold."""
 
+import pytest
+
 from benchmarks import memory
 from configs import memory as memory_config
+from jaxrlhf import parallel
 
 
 def test_sft_step_memory_holds_parameters_and_both_adam_moments():
@@ -21,16 +24,22 @@ def test_sft_step_memory_holds_parameters_and_both_adam_moments():
   assert "| tiny | 2.68e-05B | sft |" in memory.table(result)
 
 
-def test_mesh_step_memory_splits_the_state_over_fsdp():
-  """fsdp over the suite's 4 devices: each holds about a quarter of parameters and Adam
-  moments (arrays under parallel.MIN_SHARDED_SIZE elements stay whole)."""
+@pytest.mark.parametrize("mesh", ["fsdp=4", "fsdp=2,tensor=2"])
+def test_mesh_step_memory_splits_the_state_over_the_devices(mesh):
+  """fsdp, or fsdp x tensor, over the suite's 4 devices: each holds about a quarter of
+  parameters and Adam moments (arrays under parallel.MIN_SHARDED_SIZE elements stay
+  whole)."""
   config = memory_config.get_config("tiny_mesh")
   config.stages = ("sft",)
+  config.mesh = mesh
   result = memory.report(config)
-  assert result["devices"] == 4 and result["layout"] == "mesh data=1 x fsdp=4"
+  sizes = parallel.parse_mesh(mesh, 4)
+  layout = f"mesh data=1 x fsdp={sizes['fsdp']} x tensor={sizes['tensor']}"
+  assert result["devices"] == 4 and result["layout"] == layout
   figures = result["models"]["tiny"]["sft"]
   state_bytes = 12 * figures["parameters"]
-  # Measured: arguments 0.31 of the state's bytes (pmap: 1.001), the rest being norm
-  # scales and other small arrays whole on every device, and the batch.
+  # Measured: arguments 0.31 of the state's bytes at fsdp=4 and at fsdp=2 x tensor=2
+  # (pmap: 1.001), the rest being norm scales and other small arrays whole on every
+  # device, and the batch.
   assert 0.25 * state_bytes <= figures["argument"] < 0.35 * state_bytes
-  assert "Per device, mesh data=1 x fsdp=4." in memory.table(result)
+  assert f"Per device, {layout}." in memory.table(result)

@@ -78,22 +78,23 @@ def test_sft_resume_is_bit_identical(chain, tmp_path):
 
 
 def test_resume_onto_another_layout(chain, tmp_path):
-  """A checkpoint written under pmap resumes in mesh mode (fsdp over the 4 devices), and
-  one written there resumes under pmap: as a preempted job that comes back on another
+  """A checkpoint written under pmap resumes in mesh mode (fsdp x tensor over the 4
+  devices: each array read into its split by name), and one written there resumes under
+  pmap: as a preempted job that comes back on another
   slice. The figures are those of a straight pmap run, to float rounding."""
-  def config(num_steps, mode):
+  def config(num_steps, mode, mesh=""):
     c = sft_config.get_config("test")
     c.data.world_dir = chain["world_dir"]
     c.init_from = str(chain["root"] / "pretrain" / "hf")
     c.num_steps = num_steps
     c.optimizer.schedule = "warmup_constant"  # same lr at each step whatever the length
     c.checkpoint_every, c.eval_every, c.num_sample_prompts = 100, 100, 0  # eval at the end
-    c.parallel.mode = mode
+    c.parallel.mode, c.parallel.mesh = mode, mesh
     return c
 
   straight = sft.train_and_evaluate(config(9, "pmap"), str(tmp_path / "straight"))
-  for steps, mode in ((3, "pmap"), (6, "mesh"), (9, "pmap")):
-    moved = sft.train_and_evaluate(config(steps, mode), str(tmp_path / "moved"))
+  for steps, mode, mesh in ((3, "pmap", ""), (6, "mesh", "fsdp=2,tensor=2"), (9, "pmap", "")):
+    moved = sft.train_and_evaluate(config(steps, mode, mesh), str(tmp_path / "moved"))
   assert moved["steps"] == straight["steps"] == 9
   # Measured: train loss equal, validation loss within 1.2e-7 (relative), parameters
   # within 1.5e-8.
