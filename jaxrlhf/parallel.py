@@ -30,9 +30,9 @@ import numpy as np
 from jaxrlhf import config_lib
 # The layouts and their shardings (re-exported: callers spell them parallel.X).
 from jaxrlhf.layout import (  # pylint: disable=unused-import
-    BATCH_AXES, MESH_AXES, MIN_SHARDED_SIZE, MODES, TENSOR_DIMS, Layout, batch_sharding,
-    configure, constrain_state, layout, make_layout, map_state, param_sharding, param_spec,
-    parse_mesh, rows_spec, set_layout, state_shardings, tensor_dim, using)
+    MESH_AXES, MIN_SHARDED_SIZE, MODES, Layout, batch_sharding, configure, constrain_state,
+    layout, make_layout, map_state, param_sharding, param_spec, parse_mesh, rows_spec,
+    set_layout, state_shardings, using)
 
 # The one axis every pmapped train step reduces over.
 BATCH_AXIS = "batch"
@@ -199,7 +199,7 @@ def for_checkpoint(tree: Any) -> Any:
   return tree if layout().is_mesh else unreplicate(tree)
 
 
-def checkpoint_shardings() -> Callable[[Sequence[int]], Any] | None:
+def checkpoint_shardings() -> Callable[[str, Sequence[int]], Any] | None:
   """How a checkpoint is restored: in mesh mode a function of an array's path
   (`jax.tree_util.keystr`) and shape giving its split, so each array is read straight
   into it (each process reads its own shards), whatever layout wrote the checkpoint;
