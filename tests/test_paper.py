@@ -59,6 +59,9 @@ def test_the_paper_pipeline_wires_each_stage_to_its_inputs():
     assert stage[name].batch_size == 8 * stage[name].minibatch_size
     assert stage[name].num_ppo_epochs == 1
   assert stage["ppo_round1"].ptx.coef == 0 and stage["ppo_ptx"].ptx.coef > 0
+  # The final policies at twice the first round's KL coefficient.
+  for name in ("ppo", "ppo_ptx"):
+    assert stage[name].kl.init_coef == 2 * stage["ppo_round1"].kl.init_coef
   for name in config.stages:  # every stage has a module to run it
     assert name in instructgpt.STAGES
 
